@@ -1,0 +1,10 @@
+"""Fused, differentiable Triton ops with plain-PyTorch references (`bertforge.kernels.reference`).
+
+Imports nothing else of bertforge. See `_dispatch` for how a call picks Triton or the reference.
+"""
+
+from .attention import attention
+from .gelu import bias_gelu
+from .layer_norm import layer_norm
+
+__all__ = ["attention", "layer_norm", "bias_gelu"]

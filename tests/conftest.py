@@ -1,0 +1,35 @@
+"""Test settings shared by every test module.
+
+TRITON_INTERPRET=1 must be set before the kernel modules are imported: it makes Triton kernels run on CPU
+tensors through Triton's interpreter, which is how the kernel tests run without a GPU.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Relative error norm ||actual - expected|| / ||expected|| allowed against a float64 reference, per input dtype.
+# fp32 is what tf32 dots give on a GPU; fp16 / bf16 what their 10- and 7-bit mantissas give. Do not loosen.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def assert_close_rel(actual, expected, dtype, what=""):
+    """Fail on NaN/inf (unwritten, poisoned output) or on a relative error norm above the dtype's tolerance."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an element was not written?)"
+    err = relative_error(actual, expected)
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e} for {dtype}"
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Run bertforge through the plain-PyTorch ops (fast on CPU), e.g. for model and training tests."""
+    monkeypatch.setenv("BERTFORGE_KERNELS", "reference")
