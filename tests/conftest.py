@@ -33,3 +33,14 @@ def assert_close_rel(actual, expected, dtype, what=""):
 def reference_kernels(monkeypatch):
     """Run bertforge through the plain-PyTorch ops (fast on CPU), e.g. for model and training tests."""
     monkeypatch.setenv("BERTFORGE_KERNELS", "reference")
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """Fresh random inputs every run; the seed is printed so a failure can be replayed."""
+    import random
+
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")
+    return seed

@@ -60,3 +60,8 @@ def empty(shape, dtype, device):
     if _poison:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def kernel_signature(fn, types: dict, default: str = "i32") -> dict:
+    """Compile signature of a JITFunction: constexpr params marked, others typed from `types` (else `default`)."""
+    return {p.name: "constexpr" if p.is_constexpr else types.get(p.name, default) for p in fn.params}

@@ -1,11 +1,523 @@
-"""PLACEHOLDER until the Triton kernel lands: validates, then runs the reference."""
+"""Bidirectional FlashAttention-2 in Triton: padded (key_padding_mask) and packed (cu_seqlens) layouts, dropout.
+
+Forward: one program per (query block, batch*head) streams key blocks with an online softmax and stores the
+base-2 logsumexp. Backward recomputes P from it: one program per key block accumulates dK, dV over all query
+blocks, a second kernel accumulates dQ per query block. No atomics, so the backward is deterministic.
+
+Both layouts share the kernels: a sequence is (start row, length). Padded: start 0, length = seq, keys masked
+by key_padding_mask. Packed: start = cu_seqlens[b], length = cu_seqlens[b+1] - start, batch stride 0.
+A query with no real key (an all-padding sequence) gets zeros and zero gradients.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
 
 from . import reference
+from ._dispatch import use_triton
+from ._triton import TRITON_DTYPE, CompileSpec, config_label, empty, interpreting, kernel_signature
 from ._validate import check_attention_inputs
+
+LOG2E = 1.4426950408889634
+
+
+def _configs(*rows):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in rows]
+
+
+# Autotune candidates for A100/H100, per head_dim block (16..64 share the 64 list; 80..128 use the 128 list).
+# Chosen with the offline compile check: none spills registers on sm_80/sm_90 (BLOCK_M=128 with 4 warps did at
+# head_dim 128). The 32x32 entries are what fp32 (tf32) inputs at head_dim 128 fit in shared memory.
+FWD_CONFIGS = {
+    64: _configs((128, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (32, 32, 4, 2)),
+    128: _configs((128, 64, 8, 3), (64, 32, 4, 4), (32, 32, 4, 2)),
+}
+DKDV_CONFIGS = {  # BLOCK_N keys held in registers, BLOCK_M queries streamed
+    64: _configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
+    128: _configs((64, 64, 8, 3), (32, 32, 4, 2)),
+}
+DQ_CONFIGS = {  # BLOCK_M queries held, BLOCK_N keys streamed
+    64: _configs((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
+    128: _configs((64, 64, 8, 3), (32, 64, 4, 2), (32, 32, 4, 2)),
+}
+SHARED_MEMORY_BUDGET = 160 * 1024  # under A100's 163 KB per block; the compile check proves the real numbers
+
+
+def _head_dim_class(block_d):
+    return 64 if block_d <= 64 else 128
+
+
+def _fits_shared_memory(config, block_d, elem_bytes):
+    """Rough bound: two streamed tiles (num_stages copies each) plus two resident ones, in bytes."""
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    streamed = 2 * n * block_d * elem_bytes * config.num_stages
+    resident = 2 * m * block_d * elem_bytes
+    return streamed + resident <= SHARED_MEMORY_BUDGET
+
+
+def shipped_configs(table, block_d, elem_bytes):
+    """The configs a kernel may run with for this head_dim block and element size."""
+    return [c for c in table[_head_dim_class(block_d)] if _fits_shared_memory(c, block_d, elem_bytes)]
+
+
+def _pruner(table):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        kept = shipped_configs(table, args["BLOCK_D"], args["Q"].element_size())
+        return kept[:1] if interpreting() else kept  # the interpreter cannot benchmark: first survivor
+
+    return prune
+
+
+def _autotune(table):
+    every = [c for configs in table.values() for c in configs]
+    return triton.autotune(configs=every, key=["SEQLEN_BUCKET", "BLOCK_D", "IS_VARLEN", "HAS_MASK", "HAS_DROPOUT"],
+                           prune_configs_by={"early_config_prune": _pruner(table)})
+
+
+@triton.jit
+def _dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p):
+    """Keep-mask of a (rows x cols) tile: Philox keyed by (seed, batch*head), counter = row * max_seqlen + col.
+
+    Forward and backward call it with the same arguments, so the backward sees the forward's mask.
+    """
+    rng_seed = seed.to(tl.int64) + (pid_bh.to(tl.int64) << 32)
+    offsets = rows[:, None] * max_seqlen + cols[None, :]
+    return tl.rand(rng_seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _sequence_bounds(CuSeqlens, b, seqlen_padded, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        start = tl.load(CuSeqlens + b)
+        return start, tl.load(CuSeqlens + b + 1) - start
+    return 0, seqlen_padded
+
+
+@triton.jit
+def _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK: tl.constexpr):
+    real = cols < seqlen
+    if HAS_MASK:
+        real = real & (tl.load(KeyMask + b * stride_maskb + cols, mask=real, other=0) != 0)
+    return real
+
+
+@_autotune(FWD_CONFIGS)
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, Out, Lse, KeyMask, CuSeqlens,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_maskb,
+    num_heads, seqlen_padded, max_seqlen, head_dim, scale_log2, dropout_p, seed, SEQLEN_BUCKET,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, seqlen = _sequence_bounds(CuSeqlens, b, seqlen_padded, IS_VARLEN)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen
+    d_ok = offs_d < head_dim
+    b64 = b.to(tl.int64)
+    q_ptrs = Q + b64 * stride_qb + h * stride_qh + (start + rows)[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+    k_base = K + b64 * stride_kb + h * stride_kh + offs_d[None, :]
+    v_base = V + b64 * stride_vb + h * stride_vh + offs_d[None, :]
+
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_IN_FP32:  # only under the interpreter, whose bf16 dot is wrong; GPUs keep the native dot
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n
+        col_in = cols < seqlen
+        kv_rows = (start + cols)[:, None].to(tl.int64)
+        k = tl.load(k_base + kv_rows * stride_kn, mask=col_in[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + kv_rows * stride_vn, mask=col_in[:, None] & d_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        key_real = _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK)
+        s = tl.where(key_real[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # While a row has seen no real key its max is -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p), p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        out = out / (1.0 - dropout_p)
+    o_ptrs = Out + b64 * stride_ob + h * stride_oh + (start + rows)[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    # Base-2 logsumexp of the scaled scores; +inf for a row with no real key makes its recomputed P zero.
+    lse = tl.where(empty_row, float("inf"), m_i + tl.log2(tl.where(empty_row, 1.0, l_i)))
+    tl.store(Lse + pid_bh.to(tl.int64) * max_seqlen + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    Out, DOut, Delta, CuSeqlens,
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+    num_heads, seqlen_padded, max_seqlen, head_dim,
+    IS_VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta = rowsum(dO * O), the softmax-backward correction term, in the (batch*heads, max_seqlen) layout."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, seqlen = _sequence_bounds(CuSeqlens, b, seqlen_padded, IS_VARLEN)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < seqlen)[:, None] & (offs_d < head_dim)[None, :]
+    row64 = (start + rows)[:, None].to(tl.int64)
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + row64 * stride_om + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h * stride_doh + row64 * stride_dom + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh.to(tl.int64) * max_seqlen + rows, tl.sum(o * do, 1), mask=rows < seqlen)
+
+
+@_autotune(DKDV_CONFIGS)
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, KeyMask, CuSeqlens,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_gb, stride_gh, stride_gm, stride_maskb,
+    num_heads, seqlen_padded, max_seqlen, head_dim, softmax_scale, scale_log2, dropout_p, seed, SEQLEN_BUCKET,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK and dV of one key block: stream every query block, recompute P from the logsumexp."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, seqlen = _sequence_bounds(CuSeqlens, b, seqlen_padded, IS_VARLEN)
+    if pid_n * BLOCK_N >= seqlen:
+        return
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_in = cols < seqlen
+    d_ok = offs_d < head_dim
+    b64 = b.to(tl.int64)
+    kv_rows = (start + cols)[:, None].to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + h * stride_kh + kv_rows * stride_kn + offs_d[None, :],
+                mask=col_in[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + b64 * stride_vb + h * stride_vh + kv_rows * stride_vn + offs_d[None, :],
+                mask=col_in[:, None] & d_ok[None, :], other=0.0)
+    if DOT_IN_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    key_real = _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK)
+    q_base = Q + b64 * stride_qb + h * stride_qh + offs_d[None, :]
+    do_base = DOut + b64 * stride_dob + h * stride_doh + offs_d[None, :]
+    stats_base = pid_bh.to(tl.int64) * max_seqlen
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, seqlen, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < seqlen
+        q_rows = (start + rows)[:, None].to(tl.int64)
+        q = tl.load(q_base + q_rows * stride_qm, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_base + q_rows * stride_dom, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(Lse + stats_base + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + stats_base + rows, mask=row_ok, other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+        p = tl.where(key_real[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p)
+            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            p_dropped = p
+        dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do)
+        ds = p * (dp - delta[:, None])  # gradient of the scaled scores
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+
+    dk *= softmax_scale
+    out_mask = col_in[:, None] & d_ok[None, :]
+    g_offsets = b64 * stride_gb + h * stride_gh + kv_rows * stride_gm + offs_d[None, :]
+    tl.store(DK + g_offsets, dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + g_offsets, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@_autotune(DQ_CONFIGS)
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, KeyMask, CuSeqlens,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_gb, stride_gh, stride_gm, stride_maskb,
+    num_heads, seqlen_padded, max_seqlen, head_dim, softmax_scale, scale_log2, dropout_p, seed, SEQLEN_BUCKET,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one query block: stream every key block, recompute P from the logsumexp."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, seqlen = _sequence_bounds(CuSeqlens, b, seqlen_padded, IS_VARLEN)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen
+    d_ok = offs_d < head_dim
+    b64 = b.to(tl.int64)
+    q_rows = (start + rows)[:, None].to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_rows * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DOut + b64 * stride_dob + h * stride_doh + q_rows * stride_dom + offs_d[None, :],
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_IN_FP32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    stats_base = pid_bh.to(tl.int64) * max_seqlen
+    lse = tl.load(Lse + stats_base + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + stats_base + rows, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + h * stride_kh + offs_d[None, :]
+    v_base = V + b64 * stride_vb + h * stride_vh + offs_d[None, :]
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n
+        col_in = cols < seqlen
+        kv_rows = (start + cols)[:, None].to(tl.int64)
+        k = tl.load(k_base + kv_rows * stride_kn, mask=col_in[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + kv_rows * stride_vn, mask=col_in[:, None] & d_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        key_real = _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+        p = tl.where(key_real[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+
+    dq *= softmax_scale
+    tl.store(DQ + b64 * stride_gb + h * stride_gh + q_rows * stride_gm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(Keep, seed, max_seqlen, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Materialise the keep-mask the attention kernels use, (batch*heads, max_seqlen, max_seqlen), for tests."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p)
+    ptrs = Keep + pid_bh.to(tl.int64) * max_seqlen * max_seqlen + rows[:, None] * max_seqlen + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows < max_seqlen)[:, None] & (cols < max_seqlen)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _unit_last_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_in_fp32(dtype):
+    return interpreting() and dtype == torch.bfloat16
+
+
+def draw_dropout_seed() -> int:
+    """A seed for the dropout RNG, drawn from torch's default CPU generator (so torch.manual_seed governs it)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+class _Problem:
+    """Everything the kernels need to know about one call, computed once and shared by forward and backward."""
+
+    def __init__(self, q, key_padding_mask, cu_seqlens, is_varlen, batch, heads, max_seqlen, head_dim,
+                 dropout_p, softmax_scale, seed):
+        self.is_varlen, self.batch, self.heads, self.head_dim = is_varlen, batch, heads, head_dim
+        self.max_seqlen = max_seqlen
+        self.seqlen_padded = 0 if is_varlen else q.shape[2]
+        self.dropout_p, self.seed = dropout_p, seed
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        # An absent mask or cu_seqlens still needs a valid pointer argument; the constexpr flags skip its loads.
+        placeholder = torch.zeros(1, dtype=torch.int32, device=q.device)
+        self.key_mask = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
+        self.key_mask_arg = self.key_mask if self.key_mask is not None else placeholder
+        self.cu_seqlens_arg = cu_seqlens if cu_seqlens is not None else placeholder
+
+    def kernel_args(self):
+        return dict(
+            KeyMask=self.key_mask_arg, CuSeqlens=self.cu_seqlens_arg,
+            stride_maskb=self.key_mask.stride(0) if self.key_mask is not None else 0,
+            num_heads=self.heads, seqlen_padded=self.seqlen_padded, max_seqlen=self.max_seqlen,
+            head_dim=self.head_dim, dropout_p=self.dropout_p, seed=self.seed,
+            SEQLEN_BUCKET=triton.next_power_of_2(max(self.max_seqlen, 1)),
+            IS_VARLEN=self.is_varlen, HAS_MASK=self.key_mask is not None, HAS_DROPOUT=self.dropout_p > 0.0,
+            BLOCK_D=_block_d(self.head_dim),
+        )
+
+    def strides(self, t):
+        """(batch, head, row) strides of a padded (B, H, S, D) or packed (T, H, D) tensor; the last dim is unit."""
+        return (0, t.stride(1), t.stride(0)) if self.is_varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _launch(kernel, grid, config, **args):
+    """Run an autotuned kernel, or one explicit config (tests use this to cover every shipped config)."""
+    if config is None:
+        kernel[grid](**args)
+    else:
+        kernel.fn[grid](**args, **config.all_kwargs())
+
+
+def attention_forward(q, k, v, problem, config=None):
+    """Returns (out, lse): out like q; lse (batch*heads, max_seqlen) float32, base-2 logsumexp of scaled scores."""
+    out = empty(q.shape, q.dtype, q.device)
+    lse = empty((problem.batch * problem.heads, problem.max_seqlen), torch.float32, q.device)
+    qs, ks, vs, os_ = (problem.strides(t) for t in (q, k, v, out))
+    grid = lambda meta: (triton.cdiv(problem.max_seqlen, meta["BLOCK_M"]), problem.batch * problem.heads)  # noqa: E731
+    _launch(_attention_fwd_kernel, grid, config, Q=q, K=k, V=v, Out=out, Lse=lse,
+            stride_qb=qs[0], stride_qh=qs[1], stride_qm=qs[2], stride_kb=ks[0], stride_kh=ks[1], stride_kn=ks[2],
+            stride_vb=vs[0], stride_vh=vs[1], stride_vn=vs[2], stride_ob=os_[0], stride_oh=os_[1], stride_om=os_[2],
+            scale_log2=problem.softmax_scale * LOG2E, DOT_IN_FP32=_dot_in_fp32(q.dtype), **problem.kernel_args())
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, problem, dkdv_config=None, dq_config=None):
+    """Returns (dq, dk, dv), deterministic: no atomics."""
+    args = problem.kernel_args()
+    os_, dos = problem.strides(out), problem.strides(do)
+    delta = empty(lse.shape, torch.float32, q.device)
+    block_m = 64
+    _attention_bwd_delta_kernel[(triton.cdiv(problem.max_seqlen, block_m), problem.batch * problem.heads)](
+        out, do, delta, args["CuSeqlens"], os_[0], os_[1], os_[2], dos[0], dos[1], dos[2],
+        problem.heads, problem.seqlen_padded, problem.max_seqlen, problem.head_dim,
+        IS_VARLEN=problem.is_varlen, BLOCK_D=args["BLOCK_D"], BLOCK_M=block_m)
+
+    dq, dk, dv = (empty(q.shape, q.dtype, q.device) for _ in range(3))  # contiguous: one set of strides
+    qs, ks, vs, gs = (problem.strides(t) for t in (q, k, v, dq))
+    shared = dict(Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta,
+                  stride_qb=qs[0], stride_qh=qs[1], stride_qm=qs[2], stride_kb=ks[0], stride_kh=ks[1],
+                  stride_kn=ks[2], stride_vb=vs[0], stride_vh=vs[1], stride_vn=vs[2],
+                  stride_dob=dos[0], stride_doh=dos[1], stride_dom=dos[2],
+                  stride_gb=gs[0], stride_gh=gs[1], stride_gm=gs[2],
+                  softmax_scale=problem.softmax_scale, scale_log2=problem.softmax_scale * LOG2E,
+                  DOT_IN_FP32=_dot_in_fp32(q.dtype), **args)
+    bh = problem.batch * problem.heads
+    _launch(_attention_bwd_dkdv_kernel, lambda meta: (triton.cdiv(problem.max_seqlen, meta["BLOCK_N"]), bh),
+            dkdv_config, DK=dk, DV=dv, **shared)
+    _launch(_attention_bwd_dq_kernel, lambda meta: (triton.cdiv(problem.max_seqlen, meta["BLOCK_M"]), bh),
+            dq_config, DQ=dq, **shared)
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, problem):
+        out, lse = attention_forward(q, k, v, problem)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.problem = problem
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(_unit_last_stride(do), q, k, v, out, lse, ctx.problem)
+        return dq, dk, dv, None
 
 
 def attention(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
               softmax_scale=None):
-    check_attention_inputs(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
-    return reference.attention(q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
-                               max_seqlen=max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    """Bidirectional softmax(q k^T * scale) v with padding masks or packed sequences; differentiable.
+
+    Padded: q, k, v (batch, heads, seq, head_dim), key_padding_mask (batch, seq) bool, True = real token.
+    Packed: q, k, v (total_tokens, heads, head_dim), cu_seqlens (batch+1,) int32 offsets (FlashAttention varlen).
+    head_dim in 16..128 (multiple of 16); fp16, bf16 or fp32 (tf32 dots on GPU). Dropout seeds come from torch's RNG.
+    """
+    is_varlen, batch, heads, max_len, head_dim = check_attention_inputs(
+        q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    if not use_triton(q):
+        return reference.attention(q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+                                   max_seqlen=max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    if q.numel() == 0:
+        return q.clone()
+    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
+    problem = _Problem(q, key_padding_mask, cu_seqlens, is_varlen, batch, heads, max_len, head_dim,
+                       dropout_p, softmax_scale, seed)
+    # Views of a fused QKV projection need no copy: the kernels take any strides but a unit last one.
+    return AttentionFunction.apply(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), problem)
+
+
+def dropout_keep_mask(batch, heads, max_seqlen, dropout_p, seed, device):
+    """The bool keep-mask (batch, heads, max_seqlen, max_seqlen) that `attention` uses for this seed (for tests)."""
+    keep = torch.empty((batch * heads, max_seqlen, max_seqlen), dtype=torch.int8, device=device)
+    grid = (triton.cdiv(max_seqlen, 64), triton.cdiv(max_seqlen, 64), batch * heads)
+    _dropout_mask_kernel[grid](keep, seed, max_seqlen, dropout_p, BLOCK_M=64, BLOCK_N=64)
+    return keep.bool().view(batch, heads, max_seqlen, max_seqlen)
+
+
+def compile_specs():
+    """Every shipped kernel variant for the offline compile check: each config a call may run with, for
+    fp16/bf16/fp32 and both head_dim classes, with mask and dropout on (the variant with the most live registers)."""
+    specs = []
+    for dtype, name in TRITON_DTYPE.items():
+        elem_bytes = torch.empty((), dtype=dtype).element_size()
+        types = {arg: f"*{name}" for arg in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "Keep")}
+        types.update(Lse="*fp32", Delta="*fp32", KeyMask="*u8", CuSeqlens="*i32", Keep="*i8",
+                     scale_log2="fp32", softmax_scale="fp32", dropout_p="fp32")
+        for block_d in (64, 128):
+            flags = dict(IS_VARLEN=False, HAS_MASK=True, HAS_DROPOUT=True, DOT_IN_FP32=False, BLOCK_D=block_d)
+            for kernel, table in ((_attention_fwd_kernel, FWD_CONFIGS), (_attention_bwd_dkdv_kernel, DKDV_CONFIGS),
+                                  (_attention_bwd_dq_kernel, DQ_CONFIGS)):
+                for config in shipped_configs(table, block_d, elem_bytes):
+                    specs.append(_spec(kernel.fn, types, {**flags, **config.kwargs}, config.num_warps,
+                                       config.num_stages, f"D{block_d},{config_label(config)}", name))
+            specs.append(_spec(_attention_bwd_delta_kernel, types, dict(IS_VARLEN=False, BLOCK_D=block_d, BLOCK_M=64),
+                               4, 1, f"D{block_d},BLOCK_M=64,w4", name))
+    specs.append(_spec(_dropout_mask_kernel, {"Keep": "*i8", "dropout_p": "fp32"}, dict(BLOCK_M=64, BLOCK_N=64),
+                       4, 1, "BLOCK_M=64,BLOCK_N=64,w4", "-"))
+    return specs
+
+
+def _spec(fn, types, constexprs, num_warps, num_stages, label, dtype):
+    signature = kernel_signature(fn, types)
+    divisible = tuple(a for a in signature if signature[a].startswith("*") or a.startswith("stride_") or a == "head_dim")
+    return CompileSpec(kernel_name=fn.__name__.strip("_"), fn=fn, signature=signature, constexprs=constexprs,
+                       num_warps=num_warps, num_stages=num_stages, config=label, dtype=dtype, divisible_args=divisible)

@@ -1,0 +1,354 @@
+"""Triton attention under the interpreter against a float64 oracle: forward, dQ/dK/dV, masks, varlen, dropout."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from bertforge.kernels import attention, reference
+from bertforge.kernels._triton import poison_outputs
+from bertforge.kernels._validate import HEAD_DIMS
+from bertforge.kernels.attention import (
+    DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, _Problem, attention_backward, attention_forward, draw_dropout_seed,
+    dropout_keep_mask, shipped_configs,
+)
+from bertforge.kernels.padding import padded_to_varlen, varlen_to_padded
+from tests.conftest import assert_close_rel
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def attention_math(q, k, v, key_padding_mask=None, keep=None, dropout_p=0.0):
+    """Attention written out in float64, with an explicit dropout keep-mask; rows with no real key give 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    has_key = None
+    if key_padding_mask is not None:
+        has_key = key_padding_mask.any(-1)
+        visible = key_padding_mask | ~has_key[:, None]
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1)
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
+    out = probs @ v
+    return out if has_key is None else out * has_key[:, None, None, None]
+
+
+def random_qkv(shape, dtype):
+    return [torch.randn(shape, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def mask_from_lengths(lengths, seqlen):
+    return torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def check_against_oracle(q, k, v, out, key_padding_mask=None, keep=None, dropout_p=0.0, rows=None):
+    """Backprop a random dO through both and compare out, dq, dk, dv by relative error norm.
+
+    `rows` (bool, (batch, seq)) restricts the comparison of out and dq to real query rows.
+    """
+    dtype = q.dtype
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = attention_math(*leaves, key_padding_mask=key_padding_mask, keep=keep, dropout_p=dropout_p)
+    expected.backward(d_out.double())
+    pick = (lambda t: t.transpose(1, 2)[rows]) if rows is not None else (lambda t: t)
+    assert_close_rel(pick(out.detach()), pick(expected.detach()), dtype, "out")
+    assert_close_rel(pick(q.grad), pick(leaves[0].grad), dtype, "dq")
+    assert_close_rel(k.grad, leaves[1].grad, dtype, "dk")
+    assert_close_rel(v.grad, leaves[2].grad, dtype, "dv")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_every_head_dim_and_dtype_matches_float64(dtype, head_dim):
+    q, k, v = random_qkv((2, 2, 37, head_dim), dtype)
+    with poison_outputs():
+        out = attention(q, k, v)
+        check_against_oracle(q, k, v, out)
+
+
+@pytest.mark.parametrize("seqlen", [17, 113, 203, 256])
+def test_odd_and_even_lengths_match_float64(seqlen):
+    q, k, v = random_qkv((1, 2, seqlen, 64), torch.float16)
+    with poison_outputs():
+        check_against_oracle(q, k, v, attention(q, k, v))
+
+
+def test_length_one():
+    # Softmax over one key is constant: out = v, dv = dO, and the exact dq, dk are zero, so they are checked
+    # against an absolute bound (fp16 round-off of rowsum(dO * O) against dO . v), not a relative one.
+    q, k, v = random_qkv((3, 2, 1, 64), torch.float16)
+    with poison_outputs():
+        out = attention(q, k, v)
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+    assert_close_rel(out.detach(), v.detach().double(), torch.float16, "out")
+    assert_close_rel(v.grad, d_out.double(), torch.float16, "dv")
+    assert q.grad.abs().max() < 0.05 and k.grad.abs().max() < 0.05
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_key_padding_mask_with_very_different_lengths(dtype):
+    # A fully real row, a row with one real token, a ragged one and one whose padding is not at the end.
+    seqlen = 130
+    mask = mask_from_lengths([130, 1, 77, 64], seqlen)
+    mask[3] = torch.rand(seqlen) < 0.5
+    mask[3, 5] = True
+    q, k, v = random_qkv((4, 3, seqlen, 32), dtype)
+    with poison_outputs():
+        out = attention(q, k, v, key_padding_mask=mask)
+        check_against_oracle(q, k, v, out, key_padding_mask=mask)
+
+
+def test_sequence_without_real_tokens_gives_zeros_and_zero_gradients():
+    mask = mask_from_lengths([5, 0], 40)
+    q, k, v = random_qkv((2, 2, 40, 16), torch.float16)
+    with poison_outputs():
+        out = attention(q, k, v, key_padding_mask=mask)
+        out.backward(torch.randn_like(out))
+    assert out[1].abs().max() == 0
+    for grad in (q.grad, k.grad, v.grad):
+        assert grad[1].abs().max() == 0
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_matches_float64_and_the_padded_layout(dtype):
+    lengths = [1, 17, 113, 64, 3]
+    max_seqlen = max(lengths)
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v = random_qkv((sum(lengths), 2, 48), dtype)
+    with poison_outputs():
+        out = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+
+    # The same problem in the padded layout, through the kernel and through the float64 oracle.
+    (qp, mask), (kp, _), (vp, _) = (varlen_to_padded(t.detach(), cu_seqlens, max_seqlen) for t in (q, k, v))
+    padded = [t.clone().requires_grad_() for t in (qp, kp, vp)]
+    with poison_outputs():
+        out_padded = attention(*padded, key_padding_mask=mask)
+    out_padded.backward(varlen_to_padded(d_out, cu_seqlens, max_seqlen)[0])
+    assert torch.equal(out, padded_to_varlen(out_padded.detach(), mask)), "varlen and padded outputs differ"
+    for grad_varlen, t in zip((q.grad, k.grad, v.grad), padded):
+        assert_close_rel(grad_varlen, padded_to_varlen(t.grad, mask), dtype, "varlen vs padded grad")
+
+    oracle = [t.double().requires_grad_() for t in (qp, kp, vp)]
+    expected = attention_math(*oracle, key_padding_mask=mask)
+    expected.backward(varlen_to_padded(d_out.double(), cu_seqlens, max_seqlen)[0])
+    assert_close_rel(out.detach(), padded_to_varlen(expected.detach(), mask), dtype, "out")
+    for grad_varlen, t, name in zip((q.grad, k.grad, v.grad), oracle, "qkv"):
+        assert_close_rel(grad_varlen, padded_to_varlen(t.grad, mask), dtype, f"d{name}")
+
+
+def test_varlen_with_empty_sequences_and_longer_max_seqlen():
+    lengths = [0, 9, 0, 30]
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v = random_qkv((sum(lengths), 1, 64), torch.float16)
+    with poison_outputs():
+        out = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=50)
+    expected = reference.attention(*(t.detach().double() for t in (q, k, v)), cu_seqlens=cu_seqlens)
+    assert_close_rel(out.detach(), expected, torch.float16, "out")
+
+
+def test_strided_inputs_from_a_fused_qkv_projection():
+    batch, seqlen, heads, head_dim = 2, 50, 2, 32
+    qkv = torch.randn(batch, seqlen, 3, heads, head_dim, dtype=torch.float16, requires_grad=True)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views, unit last stride
+    assert not q.is_contiguous()
+    with poison_outputs():
+        out = attention(q, k, v)
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+    leaf = qkv.detach().double().requires_grad_()
+    expected = attention_math(*(leaf[:, :, i].transpose(1, 2) for i in range(3)))
+    expected.backward(d_out.double())
+    assert_close_rel(out.detach(), expected.detach(), torch.float16, "out")
+    assert_close_rel(qkv.grad, leaf.grad, torch.float16, "dqkv")
+
+
+def test_non_unit_last_stride_is_accepted():
+    base = torch.randn(1, 2, 20, 64, 2, dtype=torch.float32)
+    q = base[..., 0]  # last stride 2
+    with poison_outputs():
+        out = attention(q, q, q)
+    assert_close_rel(out, attention_math(q, q, q), torch.float32, "out")
+
+
+def _config_cases(table, kind):
+    return [pytest.param(head_dim, i, id=f"{kind}-d{head_dim}-{i}") for head_dim in (64, 128)
+            for i in range(len(shipped_configs(table, head_dim, 2)))]
+
+
+@pytest.mark.parametrize("head_dim, index", _config_cases(FWD_CONFIGS, "fwd"))
+def test_every_forward_config(head_dim, index):
+    _run_with_configs(head_dim, fwd=shipped_configs(FWD_CONFIGS, head_dim, 2)[index])
+
+
+@pytest.mark.parametrize("head_dim, index", _config_cases(DKDV_CONFIGS, "dkdv"))
+def test_every_dkdv_config(head_dim, index):
+    _run_with_configs(head_dim, dkdv=shipped_configs(DKDV_CONFIGS, head_dim, 2)[index])
+
+
+@pytest.mark.parametrize("head_dim, index", _config_cases(DQ_CONFIGS, "dq"))
+def test_every_dq_config(head_dim, index):
+    _run_with_configs(head_dim, dq=shipped_configs(DQ_CONFIGS, head_dim, 2)[index])
+
+
+def _run_with_configs(head_dim, fwd=None, dkdv=None, dq=None, dtype=torch.float16):
+    """Run explicit configs (the autotuner picks among them on a GPU) with a mask, dropout and ragged edges."""
+    batch, heads, seqlen, p = 2, 2, 77, 0.25
+    mask = mask_from_lengths([77, 40], seqlen)
+    q, k, v = (t.detach() for t in random_qkv((batch, heads, seqlen, head_dim), dtype))
+    seed = draw_dropout_seed()
+    problem = _Problem(q, mask, None, False, batch, heads, seqlen, head_dim, p, None, seed)
+    d_out = torch.randn_like(q)
+    with poison_outputs():
+        out, lse = attention_forward(q, k, v, problem, config=fwd)
+        dq_, dk_, dv_ = attention_backward(d_out, q, k, v, out, lse, problem, dkdv_config=dkdv, dq_config=dq)
+    keep = dropout_keep_mask(batch, heads, seqlen, p, seed, q.device)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = attention_math(*leaves, key_padding_mask=mask, keep=keep, dropout_p=p)
+    expected.backward(d_out.double())
+    assert_close_rel(out, expected.detach(), dtype, "out")
+    for got, leaf, name in zip((dq_, dk_, dv_), leaves, "qkv"):
+        assert_close_rel(got, leaf.grad, dtype, f"d{name}")
+
+
+def test_every_dtype_and_head_dim_has_a_config():
+    for head_dim in HEAD_DIMS:
+        block_d = max(16, 1 << (head_dim - 1).bit_length())
+        for elem_bytes in (2, 4):
+            for table in (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS):
+                assert shipped_configs(table, block_d, elem_bytes), (head_dim, elem_bytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dropout_matches_float64_with_the_same_mask(dtype, fresh_seed):
+    batch, heads, seqlen, p = 2, 2, 70, 0.3
+    mask = mask_from_lengths([70, 33], seqlen)
+    q, k, v = random_qkv((batch, heads, seqlen, 32), dtype)
+    torch.manual_seed(fresh_seed)
+    keep = dropout_keep_mask(batch, heads, seqlen, p, draw_dropout_seed(), q.device)
+    torch.manual_seed(fresh_seed)  # attention draws the same seed
+    with poison_outputs():
+        out = attention(q, k, v, key_padding_mask=mask, dropout_p=p)
+        check_against_oracle(q, k, v, out, key_padding_mask=mask, keep=keep, dropout_p=p)
+
+
+def test_dropout_varlen_uses_the_padded_mask_positions(fresh_seed):
+    lengths, p = [20, 45], 0.2
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(sum(lengths), 2, 16, dtype=torch.float16) for _ in range(3))
+    torch.manual_seed(fresh_seed)
+    out = attention(q, k, v, cu_seqlens=cu_seqlens, dropout_p=p)
+    torch.manual_seed(fresh_seed)
+    keep = dropout_keep_mask(2, 2, max(lengths), p, draw_dropout_seed(), q.device)
+    (qp, mask), (kp, _), (vp, _) = (varlen_to_padded(t, cu_seqlens, max(lengths)) for t in (q, k, v))
+    expected = attention_math(qp, kp, vp, key_padding_mask=mask, keep=keep, dropout_p=p)
+    assert_close_rel(out, padded_to_varlen(expected, mask), torch.float16, "out")
+
+
+def test_dropout_same_seed_same_result_other_seed_other_result():
+    q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float16) for _ in range(3))
+    torch.manual_seed(123)
+    first = attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(123)
+    again = attention(q, k, v, dropout_p=0.5)
+    other = attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate_and_independence_across_heads(p):
+    batch, heads, seqlen = 2, 3, 96
+    keep = dropout_keep_mask(batch, heads, seqlen, p, draw_dropout_seed(), torch.device("cpu"))
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    # Different (batch, head) streams must be independent: two masks agree at rate (1-p)^2 + p^2.
+    flat = keep.view(batch * heads, -1)
+    for i in range(1, batch * heads):
+        agreement = (flat[0] == flat[i]).float().mean().item()
+        assert abs(agreement - ((1 - p) ** 2 + p**2)) < 0.05
+
+
+def test_backward_is_deterministic():
+    q, k, v = random_qkv((2, 2, 90, 64), torch.float16)
+    grads = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        attention(q, k, v).backward(torch.ones(2, 2, 90, 64, dtype=torch.float16))
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 3), heads=st.integers(1, 2), seqlen=st.integers(1, 140),
+    head_dim=st.sampled_from(HEAD_DIMS), data=st.data(),
+)
+def test_fuzz_shapes_and_masks(batch, heads, seqlen, head_dim, data):
+    lengths = data.draw(st.lists(st.integers(0, seqlen), min_size=batch, max_size=batch))
+    assume(max(lengths) >= 2)  # with only one-key rows the exact dq, dk are all zero (see test_length_one)
+    mask = mask_from_lengths(lengths, seqlen)
+    q, k, v = random_qkv((batch, heads, seqlen, head_dim), torch.float16)
+    with poison_outputs():
+        out = attention(q, k, v, key_padding_mask=mask)
+        check_against_oracle(q, k, v, out, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("choice, triton_expected", [("reference", False), ("auto", True), ("triton", True)])
+def test_dispatch(monkeypatch, choice, triton_expected):
+    from bertforge.kernels.attention import AttentionFunction
+
+    calls = []
+    apply = AttentionFunction.apply
+    monkeypatch.setattr(AttentionFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setenv("BERTFORGE_KERNELS", choice)
+    q = torch.randn(1, 1, 8, 16)
+    assert_close_rel(attention(q, q, q), attention_math(q, q, q), torch.float32, choice)
+    assert bool(calls) == triton_expected  # TRITON_INTERPRET=1 is set: "auto" takes Triton on CPU
+
+
+def q3(shape=(2, 2, 8, 16), dtype=torch.float16):
+    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "kwargs_fn, error, message",
+    [
+        (lambda: dict(zip("qkv", q3(shape=(2, 2, 8, 24)))), ValueError, "head_dim"),
+        (lambda: dict(zip("qkv", q3(shape=(2, 2, 8, 256)))), ValueError, "head_dim"),
+        (lambda: dict(q=q3()[0], k=q3()[1].float(), v=q3()[2]), TypeError, "share a dtype"),
+        (lambda: dict(q=q3()[0], k=q3(shape=(2, 2, 9, 16))[1], v=q3()[2]), ValueError, "same shape"),
+        (lambda: dict(zip("qkv", q3(dtype=torch.float64))), TypeError, "dtype"),
+        (lambda: dict(zip("qkv", q3(shape=(2, 8, 16)))), ValueError, "padded layout"),
+        (lambda: dict(zip("qkv", q3()), key_padding_mask=torch.ones(2, 8)), TypeError, "bool"),
+        (lambda: dict(zip("qkv", q3()), key_padding_mask=torch.ones(2, 9, dtype=torch.bool)), ValueError,
+         "key_padding_mask must have shape"),
+        (lambda: dict(zip("qkv", q3()), dropout_p=1.0), ValueError, "dropout_p"),
+        (lambda: dict(zip("qkv", q3(shape=(8, 2, 16))), cu_seqlens=torch.tensor([0, 8])), TypeError, "int32"),
+        (lambda: dict(zip("qkv", q3(shape=(8, 2, 16))), cu_seqlens=torch.tensor([1, 8], dtype=torch.int32)),
+         ValueError, "start at 0"),
+        (lambda: dict(zip("qkv", q3(shape=(8, 2, 16))), cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)),
+         ValueError, "non-decreasing"),
+        (lambda: dict(zip("qkv", q3(shape=(8, 2, 16))), cu_seqlens=torch.tensor([0, 7], dtype=torch.int32)),
+         ValueError, "total_tokens"),
+        (lambda: dict(zip("qkv", q3(shape=(8, 2, 16))), cu_seqlens=torch.tensor([0, 8], dtype=torch.int32),
+                      max_seqlen=4), ValueError, "max_seqlen"),
+        (lambda: dict(zip("qkv", q3()), max_seqlen=8), ValueError, "cu_seqlens"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(kwargs_fn, error, message):
+    kwargs = kwargs_fn()
+    q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
+    with pytest.raises(error, match=message):
+        attention(q, k, v, **kwargs)
