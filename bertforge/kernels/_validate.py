@@ -80,9 +80,15 @@ def check_attention_inputs(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dr
     return True, batch, heads, int(max_seqlen), head_dim
 
 
+def _check_has_features(x):
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., N); got a 0-dim tensor")
+
+
 def check_layer_norm_inputs(x, weight, bias, eps, residual):
     _check_float("x", x)
-    n = x.shape[-1] if x.dim() > 0 else 0
+    _check_has_features(x)
+    n = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         _check_float(name, t)
         if t.dim() != 1 or t.shape[0] != n:
@@ -106,7 +112,8 @@ def check_bias_gelu_inputs(x, bias, approximate):
     _check_float("bias", bias)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
-    n = x.shape[-1] if x.dim() > 0 else 0
+    _check_has_features(x)
+    n = x.shape[-1]
     if bias.dim() != 1 or bias.shape[0] != n:
         raise ValueError(f"bias must have shape ({n},) to match x's last dimension, got {tuple(bias.shape)}")
     if bias.device != x.device:
