@@ -27,39 +27,34 @@ def _configs(*rows):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in rows]
 
 
-# Autotune candidates for A100/H100, per head_dim block (16..64 share the 64 list; 80..128 use the 128 list).
-# Chosen with the offline compile check: none spills registers on sm_80/sm_90 (BLOCK_M=128 with 4 warps did at
-# head_dim 128). The 32x32 entries are what fp32 (tf32) inputs at head_dim 128 fit in shared memory.
+# Autotune candidates for A100/H100, keyed by (element bytes, head_dim class): 2 = fp16/bf16, 4 = fp32 (tf32
+# dots); head_dim 16..64 share the 64 lists, 80..128 the 128 lists. Every entry was chosen with the offline
+# compile check (python -m bertforge.kernels.compile_check): none spills registers on sm_80 or sm_90 with
+# mask and dropout on, and all fit shared memory. Wider tiles than these spilled (e.g. forward 128x64 with 4
+# warps at head_dim 64 on sm_80, dK/dV 64x64 with 8 warps at head_dim 128 on sm_90).
 FWD_CONFIGS = {
-    64: _configs((128, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (32, 32, 4, 2)),
-    128: _configs((128, 64, 8, 3), (64, 32, 4, 4), (32, 32, 4, 2)),
+    (2, 64): _configs((64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (32, 32, 4, 2)),
+    (2, 128): _configs((128, 64, 8, 3), (64, 32, 4, 4), (32, 32, 4, 2)),
+    (4, 64): _configs((64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)),
+    (4, 128): _configs((32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2)),
 }
 DKDV_CONFIGS = {  # BLOCK_N keys held in registers, BLOCK_M queries streamed
-    64: _configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
-    128: _configs((64, 64, 8, 3), (32, 32, 4, 2)),
+    (2, 64): _configs((64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 3), (32, 32, 4, 2)),
+    (2, 128): _configs((32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    (4, 64): _configs((32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)),
+    (4, 128): _configs((32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 2)),
 }
 DQ_CONFIGS = {  # BLOCK_M queries held, BLOCK_N keys streamed
-    64: _configs((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
-    128: _configs((64, 64, 8, 3), (32, 64, 4, 2), (32, 32, 4, 2)),
+    (2, 64): _configs((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
+    (2, 128): _configs((64, 32, 4, 2), (128, 64, 8, 3), (32, 64, 4, 2), (32, 32, 4, 2)),
+    (4, 64): _configs((32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
+    (4, 128): _configs((32, 32, 4, 2)),
 }
-SHARED_MEMORY_BUDGET = 160 * 1024  # under A100's 163 KB per block; the compile check proves the real numbers
-
-
-def _head_dim_class(block_d):
-    return 64 if block_d <= 64 else 128
-
-
-def _fits_shared_memory(config, block_d, elem_bytes):
-    """Rough bound: two streamed tiles (num_stages copies each) plus two resident ones, in bytes."""
-    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    streamed = 2 * n * block_d * elem_bytes * config.num_stages
-    resident = 2 * m * block_d * elem_bytes
-    return streamed + resident <= SHARED_MEMORY_BUDGET
 
 
 def shipped_configs(table, block_d, elem_bytes):
-    """The configs a kernel may run with for this head_dim block and element size."""
-    return [c for c in table[_head_dim_class(block_d)] if _fits_shared_memory(c, block_d, elem_bytes)]
+    """The configs a kernel may run with for this head_dim block and element size (2: fp16/bf16, 4: fp32)."""
+    return table[(elem_bytes, 64 if block_d <= 64 else 128)]
 
 
 def _pruner(table):
@@ -498,7 +493,7 @@ def compile_specs():
     fp16/bf16/fp32 and both head_dim classes, with mask and dropout on (the variant with the most live registers)."""
     specs = []
     for dtype, name in TRITON_DTYPE.items():
-        elem_bytes = torch.empty((), dtype=dtype).element_size()
+        elem_bytes = dtype.itemsize
         types = {arg: f"*{name}" for arg in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "Keep")}
         types.update(Lse="*fp32", Delta="*fp32", KeyMask="*u8", CuSeqlens="*i32", Keep="*i8",
                      scale_log2="fp32", softmax_scale="fp32", dropout_p="fp32")

@@ -180,26 +180,28 @@ def test_non_unit_last_stride_is_accepted():
 
 
 def _config_cases(table, kind):
-    return [pytest.param(head_dim, i, id=f"{kind}-d{head_dim}-{i}") for head_dim in (64, 128)
-            for i in range(len(shipped_configs(table, head_dim, 2)))]
+    """One case per shipped config: fp16 runs the 2-byte tables, fp32 the 4-byte ones, head_dim 64 and 128."""
+    return [pytest.param(dtype, head_dim, i, id=f"{kind}-{str(dtype)[6:]}-d{head_dim}-{i}")
+            for dtype in (torch.float16, torch.float32) for head_dim in (64, 128)
+            for i in range(len(shipped_configs(table, head_dim, dtype.itemsize)))]
 
 
-@pytest.mark.parametrize("head_dim, index", _config_cases(FWD_CONFIGS, "fwd"))
-def test_every_forward_config(head_dim, index):
-    _run_with_configs(head_dim, fwd=shipped_configs(FWD_CONFIGS, head_dim, 2)[index])
+@pytest.mark.parametrize("dtype, head_dim, index", _config_cases(FWD_CONFIGS, "fwd"))
+def test_every_forward_config(dtype, head_dim, index):
+    _run_with_configs(dtype, head_dim, fwd=shipped_configs(FWD_CONFIGS, head_dim, dtype.itemsize)[index])
 
 
-@pytest.mark.parametrize("head_dim, index", _config_cases(DKDV_CONFIGS, "dkdv"))
-def test_every_dkdv_config(head_dim, index):
-    _run_with_configs(head_dim, dkdv=shipped_configs(DKDV_CONFIGS, head_dim, 2)[index])
+@pytest.mark.parametrize("dtype, head_dim, index", _config_cases(DKDV_CONFIGS, "dkdv"))
+def test_every_dkdv_config(dtype, head_dim, index):
+    _run_with_configs(dtype, head_dim, dkdv=shipped_configs(DKDV_CONFIGS, head_dim, dtype.itemsize)[index])
 
 
-@pytest.mark.parametrize("head_dim, index", _config_cases(DQ_CONFIGS, "dq"))
-def test_every_dq_config(head_dim, index):
-    _run_with_configs(head_dim, dq=shipped_configs(DQ_CONFIGS, head_dim, 2)[index])
+@pytest.mark.parametrize("dtype, head_dim, index", _config_cases(DQ_CONFIGS, "dq"))
+def test_every_dq_config(dtype, head_dim, index):
+    _run_with_configs(dtype, head_dim, dq=shipped_configs(DQ_CONFIGS, head_dim, dtype.itemsize)[index])
 
 
-def _run_with_configs(head_dim, fwd=None, dkdv=None, dq=None, dtype=torch.float16):
+def _run_with_configs(dtype, head_dim, fwd=None, dkdv=None, dq=None):
     """Run explicit configs (the autotuner picks among them on a GPU) with a mask, dropout and ragged edges."""
     batch, heads, seqlen, p = 2, 2, 77, 0.25
     mask = mask_from_lengths([77, 40], seqlen)
