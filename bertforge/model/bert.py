@@ -1,0 +1,355 @@
+"""BERT on bertforge's fused ops: Hugging Face BERT's math (post-LN), laid out for speed.
+
+- One fused QKV projection per layer; attention, residual + LayerNorm and bias + GELU are bertforge kernels.
+- With an attention_mask, only real tokens run through the network: they are gathered right after the input
+  ids, every layer works on (total_tokens, hidden) with varlen attention, and the last hidden state is
+  scattered back to (batch, seq, hidden) at the end (zeros at padding).
+- The MLM head computes logits only where labels != -100 when labels are given (sparse prediction).
+
+Hugging Face checkpoints load and save through `from_pretrained` / `save_pretrained` (see convert.py).
+"""
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bertforge.kernels import attention, bias_gelu, layer_norm
+from bertforge.kernels.padding import pad, unpad
+
+from . import convert
+from .config import GELU_APPROXIMATE, BertConfig
+
+IGNORE_INDEX = -100  # label value of a position that has no MLM target (as in Hugging Face)
+
+
+@dataclasses.dataclass
+class BertOutput:
+    """What a forward returns; fields that do not apply are None."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None  # (batch, seq, hidden)
+    pooler_output: torch.Tensor | None = None  # (batch, hidden)
+
+
+@dataclasses.dataclass
+class Layout:
+    """How the rows of a (tokens, hidden) activation form sequences.
+
+    Packed: cu_seqlens (batch+1,) int32 offsets of each sequence's real tokens; attention runs varlen.
+    Dense: the rows are a (batch, seqlen) grid; key_padding_mask (batch, seqlen) bool marks real tokens, or None.
+    """
+
+    batch: int
+    seqlen: int
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+    key_padding_mask: torch.Tensor | None = None
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm's parameters, computed by the fused kernel as LN(x + residual)."""
+
+    def forward(self, x, residual=None):
+        if residual is not None:
+            # Under autocast a sublayer's output is bf16/fp16 while the residual stream stays in the embeddings'
+            # fp32, as in Hugging Face where `hidden + input` promotes; compute in the stream's dtype.
+            x = x.to(residual.dtype)
+        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+
+
+class LinearGELU(nn.Linear):
+    """GELU(x W^T + b): the matmul runs without its bias, which the fused GELU kernel adds instead."""
+
+    def __init__(self, in_features, out_features, approximate="none"):
+        super().__init__(in_features, out_features)
+        self.approximate = approximate
+
+    def forward(self, x):
+        return bias_gelu(F.linear(x, self.weight), self.bias, self.approximate)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
+        self.norm = LayerNorm(h, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, position_ids, token_type_ids):
+        """Ids of any one shape (...) -> (..., hidden)."""
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.norm(x, residual=self.position_embeddings(position_ids)))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention: one fused QKV projection, the attention kernel, the output projection."""
+
+    def __init__(self, hidden_size, heads, head_dim, dropout_p):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout_p = heads, head_dim, dropout_p
+        # Rows of the fused weight are [W_query; W_key; W_value], each (heads * head_dim, hidden).
+        self.qkv = nn.Linear(hidden_size, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, hidden_size)
+
+    def forward(self, x, layout: Layout):
+        dropout_p = self.dropout_p if self.training else 0.0
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim))  # (tokens, 3, heads, head_dim)
+        if layout.cu_seqlens is not None:
+            q, k, v = qkv.unbind(1)  # (tokens, heads, head_dim): the packed layout, no copy
+            y = attention(q, k, v, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, dropout_p=dropout_p)
+        else:
+            q, k, v = qkv.unflatten(0, (layout.batch, layout.seqlen)).permute(2, 0, 3, 1, 4)  # (b, heads, s, d)
+            y = attention(q, k, v, key_padding_mask=layout.key_padding_mask, dropout_p=dropout_p).transpose(1, 2)
+        return self.proj(y.reshape(x.shape[0], -1))
+
+
+class BertLayer(nn.Module):
+    """Post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)). Holds only its own parameters."""
+
+    def __init__(self, config: BertConfig, index: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.layer_norm_eps
+        heads, ffn = config.layer_heads(index), config.layer_intermediate_size(index)
+        self.attention = BertSelfAttention(h, heads, config.head_dim, config.attention_probs_dropout_prob)
+        self.attention_norm = LayerNorm(h, eps=eps)
+        self.intermediate = LinearGELU(h, ffn, GELU_APPROXIMATE[config.hidden_act])
+        self.output = nn.Linear(ffn, h)
+        self.output_norm = LayerNorm(h, eps=eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, layout: Layout):
+        x = self.attention_norm(self.dropout(self.attention(x, layout)), residual=x)
+        return self.output_norm(self.dropout(self.output(self.intermediate(x))), residual=x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
+
+    def forward(self, x, layout: Layout):
+        for layer in self.layers:
+            x = layer(x, layout)
+        return x
+
+
+class BertPooler(nn.Module):
+    """tanh(W h_[CLS] + b): the first token's final hidden state, projected."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, last_hidden_state):
+        return torch.tanh(self.dense(last_hidden_state[:, 0]))
+
+
+class BertMLMHead(nn.Module):
+    """LN(GELU(dense(h))), then the decoder: the word-embedding matrix (tied, passed in) plus an output bias."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = LinearGELU(config.hidden_size, config.hidden_size, GELU_APPROXIMATE[config.hidden_act])
+        self.norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h, decoder_weight):
+        return F.linear(self.norm(self.dense(h)), decoder_weight, self.bias)
+
+
+def init_weights(module: nn.Module, std: float):
+    """Hugging Face BERT's initialisation: N(0, std) weights, zero biases and padding row, LayerNorm 1 / 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, BertMLMHead):
+            nn.init.zeros_(m.bias)
+
+
+def check_inputs(config: BertConfig, input_ids, attention_mask=None, token_type_ids=None):
+    """Raise ValueError naming what is wrong with a batch; return (batch, seq)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {got}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+    batch, seq = input_ids.shape
+    if batch == 0 or seq == 0:
+        raise ValueError(f"input_ids is empty: shape {(batch, seq)}")
+    if seq > config.max_position_embeddings:
+        raise ValueError(f"sequence length {seq} exceeds max_position_embeddings = {config.max_position_embeddings}")
+    _check_like("attention_mask", attention_mask, input_ids)
+    _check_like("token_type_ids", token_type_ids, input_ids)
+    if torch.compiler.is_compiling():  # value checks read the data and would break the graph
+        return batch, seq
+    _check_range("input_ids", input_ids, config.vocab_size, "vocab_size")
+    if token_type_ids is not None:
+        _check_range("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1 (or be bool)")
+    return batch, seq
+
+
+def check_mlm_labels(config: BertConfig, labels, input_ids, attention_mask=None):
+    """Labels (batch, seq): a token id where there is an MLM target, -100 elsewhere (padding included)."""
+    _check_like("labels", labels, input_ids)
+    if torch.compiler.is_compiling():
+        return
+    labelled = labels != IGNORE_INDEX
+    _check_range("labels", labels[labelled], config.vocab_size, "vocab_size", " (or -100 = no target)")
+    if attention_mask is not None and bool((labelled & (attention_mask == 0)).any()):
+        raise ValueError("labels given at padding positions (attention_mask == 0); use -100 there")
+
+
+def _check_like(name, t, input_ids):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.shape != input_ids.shape:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
+    if t.device != input_ids.device:
+        raise ValueError(f"{name} is on {t.device}, input_ids on {input_ids.device}")
+
+
+def _check_range(name, t, high, high_name, note=""):
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
+        bad = t[(t < 0) | (t >= high)]
+        raise ValueError(f"{name} out of range: got {int(bad[0])}, but values must be in [0, {high_name} = {high})"
+                         + note)
+
+
+class BertPreTrainedModel(nn.Module):
+    """Shared by the models: Hugging Face checkpoint loading and saving (see convert.py)."""
+
+    hf_architecture = None  # the transformers class that loads what save_pretrained writes
+    base_prefix = "bert."  # where the BertModel sits in this model's state dict
+
+    @classmethod
+    def from_pretrained(cls, path, **config_overrides):
+        """Load a Hugging Face BERT folder (config.json + model.safetensors or pytorch_model.bin)."""
+        return convert.load_pretrained(cls, path, **config_overrides)
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors in Hugging Face's layout (transformers loads it)."""
+        convert.save_pretrained(self, path)
+
+
+class BertModel(BertPreTrainedModel):
+    """Embeddings -> encoder.layers -> pooler. forward(input_ids, attention_mask, token_type_ids) -> BertOutput."""
+
+    hf_architecture = "BertModel"
+    base_prefix = ""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        # False runs padding through every layer as Hugging Face does (same results on real tokens, slower).
+        self.unpad = True
+        init_weights(self, config.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        batch, seq = check_inputs(self.config, input_ids, attention_mask, token_type_ids)
+        positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+        ids = torch.stack((input_ids, positions, types.to(input_ids.dtype)), dim=-1)  # (batch, seq, 3)
+        if attention_mask is not None and self.unpad:
+            # Gather the real tokens before the embeddings; positions keep their place in the padded row.
+            ids, indices, cu_seqlens, max_seqlen = unpad(ids, attention_mask)
+            layout = Layout(batch, seq, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        else:
+            mask = attention_mask.bool() if attention_mask is not None else None
+            ids, layout = ids.flatten(0, 1), Layout(batch, seq, key_padding_mask=mask)
+        x = self.encoder(self.embeddings(*ids.unbind(-1)), layout)
+        x = pad(x, indices, batch, seq) if layout.cu_seqlens is not None else x.view(batch, seq, -1)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return BertOutput(last_hidden_state=x, pooler_output=pooled)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    """BertModel (no pooler) + MLM head with the decoder tied to the word embeddings.
+
+    With labels: loss over positions whose label is not -100, and logits (n_labelled, vocab) for those
+    positions only, in row-major order. Without labels: logits (batch, seq, vocab).
+    """
+
+    hf_architecture = "BertForMaskedLM"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.head = BertMLMHead(config)
+        init_weights(self.head, config.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids)
+        h, decoder = out.last_hidden_state, self.bert.embeddings.word_embeddings.weight
+        if labels is None:
+            return BertOutput(logits=self.head(h, decoder), last_hidden_state=h)
+        check_mlm_labels(self.config, labels, input_ids, attention_mask)
+        # Sparse prediction: only the labelled ~15% of positions go through the vocabulary-sized decoder.
+        labelled = (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        logits = self.head(h.flatten(0, 1).index_select(0, labelled), decoder)
+        loss = F.cross_entropy(logits, labels.flatten().index_select(0, labelled))
+        return BertOutput(loss=loss, logits=logits, last_hidden_state=h)
+
+
+def classification_loss(logits, labels, problem_type=None):
+    """Hugging Face's choice: MSE for one output, cross-entropy for integer labels, BCE for float multi-labels."""
+    if problem_type is None:
+        if logits.shape[-1] == 1:
+            problem_type = "regression"
+        elif labels.is_floating_point():
+            problem_type = "multi_label_classification"
+        else:
+            problem_type = "single_label_classification"
+    if problem_type == "regression":
+        if logits.shape[-1] == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits, labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """BertModel + dropout + a linear classifier on the pooled [CLS] output; logits (batch, num_labels)."""
+
+    hf_architecture = "BertForSequenceClassification"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        init_weights(self.classifier, config.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[:1] != logits.shape[:1]):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must have batch size {logits.shape[0]} first, got {got}")
+        loss = classification_loss(logits, labels, self.config.problem_type) if labels is not None else None
+        return BertOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state,
+                          pooler_output=out.pooler_output)
