@@ -17,6 +17,8 @@ setup(
         "safetensors",
         "tokenizers",
         "tqdm",
+        "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         "dev": [
@@ -24,8 +26,6 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "transformers",
-            "matplotlib",
-            "tensorboard",
         ],
         "gpu": ["flash-attn"],
     },

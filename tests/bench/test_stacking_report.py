@@ -1,0 +1,39 @@
+"""The stacking benchmark's arithmetic and its end-to-end harness at a tiny scale."""
+
+import json
+import random
+
+import pytest
+
+from bertforge.bench import stacking
+
+
+def test_time_to_reach_interpolates_between_evaluations():
+    curve = [(0.0, 10.0), (10.0, 8.0), (20.0, 6.0), (30.0, 5.0)]
+    assert stacking.time_to_reach(curve, 7.0) == pytest.approx(15.0)
+    assert stacking.time_to_reach(curve, 5.0) == pytest.approx(30.0)
+    assert stacking.time_to_reach(curve, 4.9) is None
+    assert stacking.time_to_reach(curve, 12.0) == 0.0
+
+
+def test_loss_at_budget():
+    curve = [(0.0, 10.0), (10.0, 8.0), (20.0, 6.0)]
+    assert stacking.loss_at(curve, 5.0) == pytest.approx(9.0)
+    assert stacking.loss_at(curve, 25.0) == 6.0
+
+
+def test_tiny_run_writes_numbers_table_and_plot(tmp_path, monkeypatch, reference_kernels):
+    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
+    words = "the market said on monday that prices rose as the company reported new results".split()
+    rng = random.Random()
+    text = "\n\n".join(" ".join(" ".join(rng.choice(words) for _ in range(10)).capitalize() + "." for _ in range(8))
+                       for _ in range(40))
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    result = stacking.run("tiny", out=str(tmp_path / "report"), corpus=str(tmp_path / "corpus.txt"), progress=False)
+
+    saved = json.loads((tmp_path / "report" / "stacking.json").read_text())
+    assert saved["target_loss"] == result["curves"]["from scratch"][-1][1]
+    assert saved["time_to_target_s"]["from scratch"] == pytest.approx(result["total_train_time_s"]["from scratch"])
+    assert set(saved["loss_at_equal_budget"]) == {"from scratch", "stacking"}
+    assert (tmp_path / "report" / "stacking.png").stat().st_size > 10_000
+    assert "time to target" in (tmp_path / "report" / "stacking.md").read_text()

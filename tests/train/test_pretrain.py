@@ -1,0 +1,172 @@
+"""The training loop with stacking: exact resume across growth, bad input, atomic checkpoints, DDP with gloo."""
+
+import errno
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertforge.model.growth import depth
+from bertforge.train import checkpoint as checkpoint_module
+from bertforge.train.checkpoint import CheckpointError, load_checkpoint
+from bertforge.train.cli import main as cli_main
+from bertforge.train.pretrain import PretrainConfig, parse_stages, pretrain
+
+WORDS = ("the market said on monday that prices rose as the company reported new results while officials "
+         "in the city planned more work for schools and hospitals after the long winter storm").split()
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels_and_cache(reference_kernels, tmp_path, monkeypatch):
+    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small UTF-8 corpus: 60 documents of 6-12 random sentences, documents separated by blank lines."""
+    rng = random.Random()
+    documents = []
+    for _ in range(60):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
+                     for _ in range(rng.randint(6, 12))]
+        documents.append(" ".join(sentences))
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(documents), encoding="utf-8")
+    return str(path)
+
+
+def tiny_config(corpus, out_dir, **overrides):
+    values = dict(corpus=corpus, hidden_size=32, num_heads=2, intermediate_size=64, max_seq_length=32,
+                  batch_size=4, stages="1:3,2:3", warmup_steps=2, lr=3e-3, eval_interval=2, eval_batches=2,
+                  log_interval=1, checkpoint_interval=100, out_dir=str(out_dir), progress=False)
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+def final_parameters(summary):
+    return {k: v.detach().clone() for k, v in summary["model"].state_dict().items()}
+
+
+@pytest.mark.parametrize("stop_after", [3, 4], ids=["before-stacking", "after-stacking"])
+def test_resume_across_stacking_is_bit_identical(corpus, tmp_path, stop_after):
+    uninterrupted = final_parameters(pretrain(tiny_config(corpus, tmp_path / "a")))
+    first = pretrain(tiny_config(corpus, tmp_path / "b", stop_after=stop_after))
+    assert first["step"] == stop_after
+    saved = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert saved["model_config"]["num_hidden_layers"] == (1 if stop_after == 3 else 2)
+    resumed = final_parameters(pretrain(tiny_config(corpus, tmp_path / "b", resume=True)))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), f"{name} differs after resuming"
+
+
+def test_stacking_run_grows_and_logs(corpus, tmp_path):
+    summary = pretrain(tiny_config(corpus, tmp_path, stages="1:2,2:2,4:3"))
+    assert depth(summary["model"]) == 4 and summary["step"] == 7
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["depth"] for r in records if r["kind"] == "stack"] == [2, 4]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 7
+    assert all(r["heldout_loss"] > 0 for r in evals)
+    assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_main_job_loss_falls(corpus, tmp_path):
+    pretrain(tiny_config(corpus, tmp_path, stages="1:15,2:15", eval_interval=10, lr=5e-3, dropout=0.0))
+    evals = [json.loads(line)["heldout_loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    assert evals[-1] < evals[0] - 0.5, f"held-out loss did not fall: {evals}"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("3:10,5:10", "does not double"), ("3-10", "depth:steps"), ("0:10", ">= 1"), ("2:10,4:x", "depth:steps")],
+)
+def test_bad_stage_plans(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_stages(spec)
+
+
+def test_resume_from_another_config_is_refused(corpus, tmp_path):
+    pretrain(tiny_config(corpus, tmp_path, stop_after=2))
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        pretrain(tiny_config(corpus, tmp_path, hidden_size=64, resume=True))
+
+
+def test_resume_without_a_checkpoint_is_an_error(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pretrain(tiny_config(corpus, tmp_path, resume=True))
+
+
+def test_missing_and_empty_corpus(tmp_path):
+    with pytest.raises(Exception, match="does not exist|not found|No such"):
+        pretrain(tiny_config(str(tmp_path / "nothing.txt"), tmp_path / "out"))
+    (tmp_path / "empty.txt").write_text("  \n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty|no text"):
+        pretrain(tiny_config(str(tmp_path / "empty.txt"), tmp_path / "out"))
+
+
+def test_disk_full_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    pretrain(tiny_config(corpus, tmp_path, stop_after=2))
+    path = tmp_path / "checkpoint.pt"
+    good = path.read_bytes()
+
+    def full_disk(payload, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left.*previous checkpoint .* is intact"):
+        pretrain(tiny_config(corpus, tmp_path, resume=True, stop_after=4))
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_cli_runs_and_rejects_bad_values(corpus, tmp_path, capsys):
+    cli_main(["pretrain", "--corpus", corpus, "--hidden_size", "32", "--num_heads", "2", "--intermediate_size",
+              "64", "--max_seq_length", "32", "--batch_size", "4", "--stages", "none", "--num_layers", "1",
+              "--steps", "2", "--eval_batches", "1", "--out_dir", str(tmp_path / "cli"), "--progress", "false"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    with pytest.raises(SystemExit, match="does not double"):
+        cli_main(["pretrain", "--stages", "3:10,5:10"])
+    with pytest.raises(SystemExit):
+        cli_main(["pretrain", "--steps", "many"])
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+from bertforge.train.pretrain import PretrainConfig, pretrain
+cfg = PretrainConfig(**__import__("json").loads(sys.argv[1]))
+summary = pretrain(cfg)
+rank = int(os.environ["RANK"])
+torch.save(summary["model"].module.state_dict(), os.path.join(sys.argv[2], f"rank{rank}.pt"))
+"""
+
+
+def test_ddp_two_cpu_processes_stack_and_stay_in_sync(corpus, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = dict(corpus=corpus, hidden_size=32, num_heads=2, intermediate_size=64, max_seq_length=32, batch_size=2,
+               stages="1:2,2:2", eval_interval=2, eval_batches=1, out_dir=str(tmp_path / "ddp"), progress=False)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "BERTFORGE_KERNELS": "reference", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(port), str(script), json.dumps(cfg), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert sum(".layers." in k for k in rank0) == 2 * sum(".layers.0." in k for k in rank0), "not stacked to 2"
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+    checkpoint = load_checkpoint(Path(cfg["out_dir"]) / "checkpoint.pt")
+    assert len(checkpoint["per_rank"]) == 2 and checkpoint["step"] == 4
