@@ -92,6 +92,34 @@ def _sequence_bounds(CuSeqlens, b, seqlen_padded, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, token_rows, row_ok, stride_row, offs_d, d_ok, DOT_IN_FP32: tl.constexpr):
+    """A (rows x BLOCK_D) tile of q, k, v or dO; zeros outside the sequence and past head_dim."""
+    tile = tl.load(base + token_rows[:, None].to(tl.int64) * stride_row + offs_d[None, :],
+                   mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_IN_FP32:  # only under the interpreter, whose bf16 dot is wrong; GPUs keep the native dot
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _recompute_p_dp(q, k, v, do, lse, key_real, rows, cols, scale_log2, dropout_p, seed, pid_bh, max_seqlen,
+                    HAS_DROPOUT: tl.constexpr):
+    """The backward's view of one (query block x key block) tile: P recomputed from the logsumexp, P after
+    dropout (what multiplied V), and dP after dropout. The caller forms dS = P * (dP - delta) after its dV
+    update: computing it earlier keeps more tiles alive and spilled registers on sm_90."""
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+    p = tl.where(key_real[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p)
+        p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_dropped = p
+    return p, p_dropped, dp
+
+
+@triton.jit
 def _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK: tl.constexpr):
     real = cols < seqlen
     if HAS_MASK:
@@ -123,13 +151,9 @@ def _attention_fwd_kernel(
     row_ok = rows < seqlen
     d_ok = offs_d < head_dim
     b64 = b.to(tl.int64)
-    q_ptrs = Q + b64 * stride_qb + h * stride_qh + (start + rows)[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
-    k_base = K + b64 * stride_kb + h * stride_kh + offs_d[None, :]
-    v_base = V + b64 * stride_vb + h * stride_vh + offs_d[None, :]
-
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_IN_FP32:  # only under the interpreter, whose bf16 dot is wrong; GPUs keep the native dot
-        q = q.to(tl.float32)
+    k_base = K + b64 * stride_kb + h * stride_kh
+    v_base = V + b64 * stride_vb + h * stride_vh
+    q = _load_rows(Q + b64 * stride_qb + h * stride_qh, start + rows, row_ok, stride_qm, offs_d, d_ok, DOT_IN_FP32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -137,12 +161,8 @@ def _attention_fwd_kernel(
     for start_n in range(0, seqlen, BLOCK_N):
         cols = start_n + offs_n
         col_in = cols < seqlen
-        kv_rows = (start + cols)[:, None].to(tl.int64)
-        k = tl.load(k_base + kv_rows * stride_kn, mask=col_in[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + kv_rows * stride_vn, mask=col_in[:, None] & d_ok[None, :], other=0.0)
-        if DOT_IN_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(k_base, start + cols, col_in, stride_kn, offs_d, d_ok, DOT_IN_FP32)
+        v = _load_rows(v_base, start + cols, col_in, stride_vn, offs_d, d_ok, DOT_IN_FP32)
         key_real = _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK)
         s = tl.where(key_real[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -218,17 +238,11 @@ def _attention_bwd_dkdv_kernel(
     col_in = cols < seqlen
     d_ok = offs_d < head_dim
     b64 = b.to(tl.int64)
-    kv_rows = (start + cols)[:, None].to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + h * stride_kh + kv_rows * stride_kn + offs_d[None, :],
-                mask=col_in[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b64 * stride_vb + h * stride_vh + kv_rows * stride_vn + offs_d[None, :],
-                mask=col_in[:, None] & d_ok[None, :], other=0.0)
-    if DOT_IN_FP32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_rows(K + b64 * stride_kb + h * stride_kh, start + cols, col_in, stride_kn, offs_d, d_ok, DOT_IN_FP32)
+    v = _load_rows(V + b64 * stride_vb + h * stride_vh, start + cols, col_in, stride_vn, offs_d, d_ok, DOT_IN_FP32)
     key_real = _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK)
-    q_base = Q + b64 * stride_qb + h * stride_qh + offs_d[None, :]
-    do_base = DOut + b64 * stride_dob + h * stride_doh + offs_d[None, :]
+    q_base = Q + b64 * stride_qb + h * stride_qh
+    do_base = DOut + b64 * stride_dob + h * stride_doh
     stats_base = pid_bh.to(tl.int64) * max_seqlen
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -236,30 +250,19 @@ def _attention_bwd_dkdv_kernel(
     for start_m in range(0, seqlen, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen
-        q_rows = (start + rows)[:, None].to(tl.int64)
-        q = tl.load(q_base + q_rows * stride_qm, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_base + q_rows * stride_dom, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_IN_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_rows(q_base, start + rows, row_ok, stride_qm, offs_d, d_ok, DOT_IN_FP32)
+        do = _load_rows(do_base, start + rows, row_ok, stride_dom, offs_d, d_ok, DOT_IN_FP32)
         lse = tl.load(Lse + stats_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + stats_base + rows, mask=row_ok, other=0.0)
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
-        p = tl.where(key_real[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p)
-            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        else:
-            p_dropped = p
+        p, p_dropped, dp = _recompute_p_dp(q, k, v, do, lse, key_real, rows, cols, scale_log2, dropout_p, seed,
+                                           pid_bh, max_seqlen, HAS_DROPOUT)
         dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do)
         ds = p * (dp - delta[:, None])  # gradient of the scaled scores
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
 
     dk *= softmax_scale
     out_mask = col_in[:, None] & d_ok[None, :]
-    g_offsets = b64 * stride_gb + h * stride_gh + kv_rows * stride_gm + offs_d[None, :]
+    g_offsets = b64 * stride_gb + h * stride_gh + (start + cols)[:, None].to(tl.int64) * stride_gm + offs_d[None, :]
     tl.store(DK + g_offsets, dk.to(DK.dtype.element_ty), mask=out_mask)
     tl.store(DV + g_offsets, dv.to(DV.dtype.element_ty), mask=out_mask)
 
@@ -289,41 +292,29 @@ def _attention_bwd_dq_kernel(
     row_ok = rows < seqlen
     d_ok = offs_d < head_dim
     b64 = b.to(tl.int64)
-    q_rows = (start + rows)[:, None].to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_rows * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DOut + b64 * stride_dob + h * stride_doh + q_rows * stride_dom + offs_d[None, :],
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_IN_FP32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_rows(Q + b64 * stride_qb + h * stride_qh, start + rows, row_ok, stride_qm, offs_d, d_ok, DOT_IN_FP32)
+    do = _load_rows(DOut + b64 * stride_dob + h * stride_doh, start + rows, row_ok, stride_dom, offs_d, d_ok,
+                    DOT_IN_FP32)
     stats_base = pid_bh.to(tl.int64) * max_seqlen
     lse = tl.load(Lse + stats_base + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + stats_base + rows, mask=row_ok, other=0.0)
-    k_base = K + b64 * stride_kb + h * stride_kh + offs_d[None, :]
-    v_base = V + b64 * stride_vb + h * stride_vh + offs_d[None, :]
+    k_base = K + b64 * stride_kb + h * stride_kh
+    v_base = V + b64 * stride_vb + h * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, seqlen, BLOCK_N):
         cols = start_n + offs_n
         col_in = cols < seqlen
-        kv_rows = (start + cols)[:, None].to(tl.int64)
-        k = tl.load(k_base + kv_rows * stride_kn, mask=col_in[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + kv_rows * stride_vn, mask=col_in[:, None] & d_ok[None, :], other=0.0)
-        if DOT_IN_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(k_base, start + cols, col_in, stride_kn, offs_d, d_ok, DOT_IN_FP32)
+        v = _load_rows(v_base, start + cols, col_in, stride_vn, offs_d, d_ok, DOT_IN_FP32)
         key_real = _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK)
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
-        p = tl.where(key_real[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        p, _, dp = _recompute_p_dp(q, k, v, do, lse, key_real, rows, cols, scale_log2, dropout_p, seed, pid_bh,
+                                   max_seqlen, HAS_DROPOUT)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
 
     dq *= softmax_scale
+    q_rows = (start + rows)[:, None].to(tl.int64)
     tl.store(DQ + b64 * stride_gb + h * stride_gh + q_rows * stride_gm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
