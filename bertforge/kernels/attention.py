@@ -363,9 +363,10 @@ class _Problem:
         self.seqlen_padded = 0 if is_varlen else q.shape[2]
         self.dropout_p, self.seed = dropout_p, seed
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-        # An absent mask or cu_seqlens still needs a valid pointer argument; the constexpr flags skip its loads.
-        placeholder = torch.zeros(1, dtype=torch.int32, device=q.device)
         self.key_mask = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
+        # An absent mask or cu_seqlens still needs a valid pointer argument; the constexpr flags skip its loads.
+        needs_placeholder = key_padding_mask is None or cu_seqlens is None
+        placeholder = torch.empty(1, dtype=torch.int32, device=q.device) if needs_placeholder else None
         self.key_mask_arg = self.key_mask if self.key_mask is not None else placeholder
         self.cu_seqlens_arg = cu_seqlens if cu_seqlens is not None else placeholder
 

@@ -10,13 +10,13 @@ def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor):
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
     max_seqlen = int(lengths.max()) if lengths.numel() else 0
-    return hidden.flatten(0, 1)[indices], indices, cu_seqlens, max_seqlen
+    return hidden.flatten(0, 1).index_select(0, indices), indices, cu_seqlens, max_seqlen
 
 
 def pad(tokens: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """Inverse of `unpad`: scatter (total, ...) tokens back to (batch, seq, ...), zeros at padding."""
     out = tokens.new_zeros((batch * seqlen,) + tuple(tokens.shape[1:]))
-    out[indices] = tokens
+    out.index_copy_(0, indices, tokens)
     return out.view((batch, seqlen) + tuple(tokens.shape[1:]))
 
 

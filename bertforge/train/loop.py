@@ -100,13 +100,15 @@ class Trainer:
         total_loss, tokens = 0.0, 0
         accum = self.settings.grad_accum
         for micro in range(accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+            cpu_batch = next(self.batches)
+            # Counted on the CPU copy: counting on the device would sync every micro-batch.
+            tokens += int(cpu_batch["attention_mask"].sum()) if "attention_mask" in cpu_batch else cpu_batch["input_ids"].numel()
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in cpu_batch.items()}
             sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
                 loss = self.model(**batch).loss / accum
                 loss.backward()
             total_loss += loss.item()
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"loss is {total_loss} at step {self.step}; last checkpoint in {self.out_dir}")
         if self.settings.grad_clip:
