@@ -1,10 +1,12 @@
-"""Fused, differentiable Triton ops with plain-PyTorch references (`bertforge.kernels.reference`).
+"""Fused, differentiable Triton ops with plain-PyTorch references (`bertforge.kernels.reference`), and a
+dropout whose mask is cheap to draw on the CPU (`bertforge.kernels.dropout`).
 
 Imports nothing else of bertforge. See `_dispatch` for how a call picks Triton or the reference.
 """
 
 from .attention import attention
+from .dropout import Dropout, dropout
 from .gelu import bias_gelu
 from .layer_norm import layer_norm
 
-__all__ = ["attention", "layer_norm", "bias_gelu"]
+__all__ = ["attention", "layer_norm", "bias_gelu", "dropout", "Dropout"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bertforge.kernels import attention, bias_gelu, layer_norm
+from bertforge.kernels import Dropout, attention, bias_gelu, layer_norm
 from bertforge.kernels.padding import pad, unpad
 
 from . import convert
@@ -79,7 +79,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
         self.norm = LayerNorm(h, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, position_ids, token_type_ids):
         """Ids of any one shape (...) -> (..., hidden)."""
@@ -121,7 +121,7 @@ class BertLayer(nn.Module):
         self.intermediate = LinearGELU(h, ffn, GELU_APPROXIMATE[config.hidden_act])
         self.output = nn.Linear(ffn, h)
         self.output_norm = LayerNorm(h, eps=eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, layout: Layout):
         x = self.attention_norm(self.dropout(self.attention(x, layout)), residual=x)
@@ -340,7 +340,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.config = config
         self.bert = BertModel(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         init_weights(self.classifier, config.initializer_range)
 
