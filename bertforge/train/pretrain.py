@@ -33,9 +33,11 @@ class PretrainConfig:
     num_heads: int = 2
     intermediate_size: int = 512
     dropout: float = 0.1
-    # data: corpus None = the packaged news corpus; tokenizer None = bert-base-uncased WordPiece (MiniLM's vocab)
+    # data: corpus None = the packaged news corpus; tokenizer None = bert-base-uncased WordPiece (MiniLM's vocab),
+    # or, with vocab_size, a WordPiece vocabulary of that size learned from the corpus
     corpus: str | None = None
     tokenizer: str | None = None
+    vocab_size: int | None = None
     max_seq_length: int = 128
     batch_size: int = 32
     # schedule
@@ -161,11 +163,11 @@ def build_trainer(cfg: PretrainConfig) -> Trainer:
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     torch.manual_seed(cfg.seed)
     if rank == 0:
-        shards = data.build_shards(cfg.corpus, cfg.tokenizer, progress=cfg.progress)
+        shards = data.build_shards(cfg.corpus, cfg.tokenizer, vocab_size=cfg.vocab_size, progress=cfg.progress)
     if world_size > 1:
         torch.distributed.barrier()
     if rank != 0:
-        shards = data.build_shards(cfg.corpus, cfg.tokenizer, progress=False)
+        shards = data.build_shards(cfg.corpus, cfg.tokenizer, vocab_size=cfg.vocab_size, progress=False)
     batches = data.MLMBatches(shards, cfg.batch_size, cfg.max_seq_length, seed=cfg.seed, rank=rank,
                               world_size=world_size)
     plan = cfg.plan()

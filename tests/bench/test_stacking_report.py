@@ -29,11 +29,20 @@ def test_tiny_run_writes_numbers_table_and_plot(tmp_path, monkeypatch, reference
     text = "\n\n".join(" ".join(" ".join(rng.choice(words) for _ in range(10)).capitalize() + "." for _ in range(8))
                        for _ in range(40))
     (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
-    result = stacking.run("tiny", out=str(tmp_path / "report"), corpus=str(tmp_path / "corpus.txt"), progress=False)
+    plans = ["1:6,2:6,4:12", "1:12,2:6,4:6"]
+    result = stacking.run("tiny", out=str(tmp_path / "report"), corpus=str(tmp_path / "corpus.txt"), progress=False,
+                          stages=plans)
 
     saved = json.loads((tmp_path / "report" / "stacking.json").read_text())
+    names = {"from scratch"} | {f"stacking {plan}" for plan in plans}
     assert saved["target_loss"] == result["curves"]["from scratch"][-1][1]
     assert saved["time_to_target_s"]["from scratch"] == pytest.approx(result["total_train_time_s"]["from scratch"])
-    assert set(saved["loss_at_equal_budget"]) == {"from scratch", "stacking"}
+    assert set(saved["loss_at_equal_budget"]) == names and set(saved["speedup_to_target"]) == names - {"from scratch"}
+    for plan in plans:
+        reached = saved["time_to_target_s"][f"stacking {plan}"]
+        expected = None if reached is None else saved["time_to_target_s"]["from scratch"] / reached
+        assert saved["speedup_to_target"][f"stacking {plan}"] == pytest.approx(expected)
+        assert saved["configs"][f"stacking {plan}"]["stages"] == plan
     assert (tmp_path / "report" / "stacking.png").stat().st_size > 10_000
-    assert "time to target" in (tmp_path / "report" / "stacking.md").read_text()
+    table = (tmp_path / "report" / "stacking.md").read_text()
+    assert "time to target" in table and all(plan in table for plan in plans)
