@@ -25,7 +25,7 @@ SCRATCH = "from scratch"
 # "small": hidden 128, 2 heads (head_dim 64), FFN 512, final depth 8, 32 sequences of <= 128 tokens per step, and
 # a 8,192-id WordPiece vocabulary learned from the corpus. With bert-base's 30,522 ids the tied embedding and the
 # MLM softmax cost as much as four of these layers: a step would be mostly vocabulary, far from BERT-base, where
-# they are a few percent of a step. About 0.4 s per depth-8 step on a quiet 2-core CPU.
+# they are a few percent of a step. About 0.5 s per depth-8 step on a quiet 2-core CPU.
 SCALES = {
     "small": dict(model=dict(hidden_size=128, num_heads=2, intermediate_size=512, batch_size=32,
                              max_seq_length=128, lr=1e-3, warmup_steps=50, dropout=0.1, vocab_size=8192),
@@ -40,6 +40,12 @@ def eval_curve(run_dir: Path):
     """[(train_time seconds, held-out loss)] from a run's log."""
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     return [(r["train_time"], r["heldout_loss"]) for r in records if r["kind"] == "eval"]
+
+
+def eval_steps(run_dir: Path):
+    """Optimizer step of each evaluation in a run's log (aligned with eval_curve)."""
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if r["kind"] == "eval"]
 
 
 def time_to_reach(curve, target):
@@ -59,25 +65,31 @@ def loss_at(curve, budget):
 
 
 def run(scale: str = "small", out: str = "report/stacking", corpus=None, progress=True, corpus_label=None,
-        stages=None) -> dict:
-    """Train from scratch and with each stage plan in `stages` (default: the scale's); write the report."""
+        stages=None, vocab_size=None, seed=0) -> dict:
+    """Train from scratch and with each stage plan in `stages` (default: the scale's); write the report.
+
+    vocab_size: None = the scale's; 0 = the MiniLM (bert-base-uncased) vocabulary; n = n ids learned from the corpus.
+    """
     spec = SCALES[scale]
     out_dir = Path(out)
     plans = list(stages or spec["stages"])
-    common = dict(corpus=corpus, eval_interval=spec["eval_interval"], eval_batches=spec["eval_batches"],
-                  log_interval=10, checkpoint_interval=10**9, progress=progress, **spec["model"])
+    model = dict(spec["model"])
+    if vocab_size is not None:
+        model["vocab_size"] = vocab_size or None
+    common = dict(corpus=corpus, seed=seed, eval_interval=spec["eval_interval"], eval_batches=spec["eval_batches"],
+                  log_interval=10, checkpoint_interval=10**9, progress=progress, **model)
     runs = {SCRATCH: PretrainConfig(stages=None, num_layers=spec["depth"], steps=spec["steps"],
                                     out_dir=str(out_dir / "scratch"), **common)}
     for plan in plans:
         name = "stacking" if len(plans) == 1 else f"stacking {plan}"
         runs[name] = PretrainConfig(stages=plan, out_dir=str(out_dir / name.replace(" ", "-").replace(":", "_")),
                                     **common)
-    curves = {}
+    curves, steps = {}, {}
     for name, cfg in runs.items():
         log = Path(cfg.out_dir) / "log.jsonl"
         log.unlink(missing_ok=True)  # a fresh run, not appended to an old log
         pretrain(cfg)
-        curves[name] = eval_curve(Path(cfg.out_dir))
+        curves[name], steps[name] = eval_curve(Path(cfg.out_dir)), eval_steps(Path(cfg.out_dir))
 
     target = curves[SCRATCH][-1][1]
     reach = {name: time_to_reach(curve, target) for name, curve in curves.items()}
@@ -93,6 +105,7 @@ def run(scale: str = "small", out: str = "report/stacking", corpus=None, progres
         "equal_budget_s": budget,
         "loss_at_equal_budget": {name: loss_at(curve, budget) for name, curve in curves.items()},
         "curves": curves,
+        "eval_steps": steps,
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +121,7 @@ def markdown(result) -> str:
     vocab = next(iter(result["configs"].values())).get("vocab_size")
     lines = [
         f"Target: the from-scratch run's final held-out MLM loss, {result['target_loss']:.3f} nats"
-        + (f" (vocabulary of {vocab} learned from the corpus)." if vocab else "."),
+        + (f" (vocabulary of {vocab} learned from the corpus)." if vocab else " (bert-base-uncased vocabulary)."),
         "",
         "| run | stages | time to target | speed-up | total training time | final loss | loss at equal budget "
         f"({result['equal_budget_s']:.0f} s) |",
@@ -125,25 +138,34 @@ def markdown(result) -> str:
 
 
 def plot(result, path):
+    """Held-out loss against training wall-clock and, when the steps are known, against optimizer steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, curve in result["curves"].items():
-        ax.plot([t for t, _ in curve], [loss for _, loss in curve], marker="o", markersize=3, label=name)
-    ax.axhline(result["target_loss"], color="gray", linestyle="--", linewidth=1, label="from-scratch final loss")
-    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
-    ax.set_ylabel("held-out MLM loss (nats)")
-    ax.set_title(f"Progressive stacking vs from scratch ({result['scale']} scale, CPU)")
+    by_step = "eval_steps" in result
+    fig, axes = plt.subplots(1, 2 if by_step else 1, figsize=(13 if by_step else 7, 4.5), squeeze=False)
+    panels = [(axes[0][0], "training wall-clock (s, evaluation excluded)", None)]
+    if by_step:
+        panels.append((axes[0][1], "optimizer steps", result["eval_steps"]))
     # Zoom past the untrained first evaluation (about ln(vocab) nats), where the curves are far apart.
     later = [loss for curve in result["curves"].values() for _, loss in curve[1:]]
-    if later:
-        spread = max(later) - min(later)
-        ax.set_ylim(min(later) - 0.1 * spread, max(later) + 0.1 * spread)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, xlabel, steps in panels:
+        for name, curve in result["curves"].items():
+            xs = [t for t, _ in curve] if steps is None else steps[name]
+            ax.plot(xs, [loss for _, loss in curve], marker="o", markersize=3, label=name)
+        ax.axhline(result["target_loss"], color="gray", linestyle="--", linewidth=1, label="from-scratch final loss")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out MLM loss (nats)")
+        if later:
+            spread = max(later) - min(later)
+            ax.set_ylim(min(later) - 0.1 * spread, max(later) + 0.1 * spread)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0][0].set_title(f"Progressive stacking vs from scratch ({result['scale']} scale, CPU)")
+    if by_step:
+        axes[0][1].set_title("the same runs per step (a stage's depth sets a step's cost)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -155,6 +177,9 @@ def main(argv=None):
     parser.add_argument("--stages", action="append", default=None,
                         help="stage plan of a stacking run, e.g. 2:500,4:250,8:250; repeat to compare several "
                              "against the same from-scratch run (default: the scale's plan)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="WordPiece ids to learn from the corpus (default: the scale's); 0 = bert-base-uncased's")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (initial weights, data order, masks)")
     parser.add_argument("--out", default="report/stacking")
     parser.add_argument("--corpus", default=None, help="text file or folder; default: the packaged news corpus")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot and table from --out's JSON")
@@ -163,7 +188,8 @@ def main(argv=None):
         result = json.loads((Path(args.out) / "stacking.json").read_text())
         plot(result, Path(args.out) / "stacking.png")
     else:
-        result = run(args.scale, args.out, args.corpus, stages=args.stages)
+        result = run(args.scale, args.out, args.corpus, stages=args.stages, vocab_size=args.vocab_size,
+                     seed=args.seed)
     print(markdown(result))
 
 

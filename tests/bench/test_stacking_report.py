@@ -43,6 +43,8 @@ def test_tiny_run_writes_numbers_table_and_plot(tmp_path, monkeypatch, reference
         expected = None if reached is None else saved["time_to_target_s"]["from scratch"] / reached
         assert saved["speedup_to_target"][f"stacking {plan}"] == pytest.approx(expected)
         assert saved["configs"][f"stacking {plan}"]["stages"] == plan
+    for name in names:  # an evaluation before the first step, then every 6 steps up to the 24th
+        assert saved["eval_steps"][name] == [0, 6, 12, 18, 24] and len(saved["curves"][name]) == 5
     assert (tmp_path / "report" / "stacking.png").stat().st_size > 10_000
     table = (tmp_path / "report" / "stacking.md").read_text()
     assert "time to target" in table and all(plan in table for plan in plans)
