@@ -11,6 +11,8 @@ official code instead used a separate piecewise-linear schedule per stage; this 
 """
 
 import dataclasses
+import hashlib
+import json
 import time
 
 import torch
@@ -157,6 +159,12 @@ def heldout_loss(shards, cfg: PretrainConfig, device):
     return evaluate
 
 
+def vocabulary_fingerprint(shards) -> str:
+    """Hash of the token -> id map: a resume must see the same ids, even if a tokenizer file changed in place or a
+    vocabulary was learned again (the checkpoint's run config keeps it)."""
+    return hashlib.sha256(json.dumps(sorted(shards.tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
 def build_trainer(cfg: PretrainConfig) -> Trainer:
     device = setup_distributed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -184,7 +192,8 @@ def build_trainer(cfg: PretrainConfig) -> Trainer:
                             stop_after=cfg.stop_after, progress=cfg.progress)
     hooks = [Stacking(plan, cfg.optimizer_state)] if len(plan) > 1 else []
     trainer = Trainer(model, optimizer, scheduler, batches, heldout_loss(shards, cfg, device), settings,
-                      hooks=hooks, run_config=cfg.identity(), device=device)
+                      hooks=hooks, run_config={**cfg.identity(), "vocabulary": vocabulary_fingerprint(shards)},
+                      device=device)
     return trainer
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bertforge.model.growth import depth
+from bertforge.train import corpus as corpus_module
 from bertforge.train import checkpoint as checkpoint_module
 from bertforge.train.checkpoint import CheckpointError, load_checkpoint
 from bertforge.train.cli import main as cli_main
@@ -97,6 +98,19 @@ def test_resume_from_another_config_is_refused(corpus, tmp_path):
     pretrain(tiny_config(corpus, tmp_path, stop_after=2))
     with pytest.raises(CheckpointError, match="hidden_size"):
         pretrain(tiny_config(corpus, tmp_path, hidden_size=64, resume=True))
+
+
+def test_resume_with_a_changed_vocabulary_is_refused(corpus, tmp_path):
+    """Same config, same tokenizer path, but two ids swapped in the file: the model would fit, the ids would lie."""
+    words = (corpus_module.minilm_checkpoint() / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(words) + "\n", encoding="utf-8")
+    pretrain(tiny_config(corpus, tmp_path / "run", tokenizer=str(vocab), stop_after=2))
+    the, of = words.index("the"), words.index("of")
+    words[the], words[of] = words[of], words[the]
+    vocab.write_text("\n".join(words) + "\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="vocabulary"):
+        pretrain(tiny_config(corpus, tmp_path / "run", tokenizer=str(vocab), resume=True))
 
 
 def test_resume_without_a_checkpoint_is_an_error(corpus, tmp_path):
