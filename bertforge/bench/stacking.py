@@ -36,16 +36,11 @@ SCALES = {
 }
 
 
-def eval_curve(run_dir: Path):
-    """[(train_time seconds, held-out loss)] from a run's log."""
+def eval_log(run_dir: Path):
+    """From a run's log: [(train_time seconds, held-out loss)] and the optimizer step of each evaluation."""
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [(r["train_time"], r["heldout_loss"]) for r in records if r["kind"] == "eval"]
-
-
-def eval_steps(run_dir: Path):
-    """Optimizer step of each evaluation in a run's log (aligned with eval_curve)."""
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [r["step"] for r in records if r["kind"] == "eval"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    return [(r["train_time"], r["heldout_loss"]) for r in evals], [r["step"] for r in evals]
 
 
 def time_to_reach(curve, target):
@@ -89,7 +84,7 @@ def run(scale: str = "small", out: str = "report/stacking", corpus=None, progres
         log = Path(cfg.out_dir) / "log.jsonl"
         log.unlink(missing_ok=True)  # a fresh run, not appended to an old log
         pretrain(cfg)
-        curves[name], steps[name] = eval_curve(Path(cfg.out_dir)), eval_steps(Path(cfg.out_dir))
+        curves[name], steps[name] = eval_log(Path(cfg.out_dir))
 
     target = curves[SCRATCH][-1][1]
     reach = {name: time_to_reach(curve, target) for name, curve in curves.items()}

@@ -11,6 +11,8 @@ On CUDA tensors it is torch's own fused dropout. It draws from torch's global ge
 `torch.manual_seed` and saved RNG states reproduce it.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -25,9 +27,7 @@ def _effective_p(p: float) -> tuple[int, float]:
 def keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor, float]:
     """(bool mask of `shape`, True = keep; the drop probability it was drawn with)."""
     threshold, p_eff = _effective_p(p)
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     words.random_(torch.iinfo(torch.int64).min, None)  # all 64 bits uniform (from=min, to=None is the full range)
     # Reinterpret as unsigned 16-bit values in [0, 2**16): int16 view, shifted by 2**15.
@@ -35,10 +35,14 @@ def keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor, float]:
     return uniform16 >= threshold - _LEVELS // 2, p_eff
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Zero each element with probability p (see the module docstring for the CPU's 2**-16 granularity)."""
+def _check_probability(p: float) -> None:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Zero each element with probability p (see the module docstring for the CPU's 2**-16 granularity)."""
+    _check_probability(p)
     if not training or p == 0.0:
         return x
     if x.is_cuda:
@@ -52,8 +56,7 @@ class Dropout(torch.nn.Module):
 
     def __init__(self, p: float = 0.1):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        _check_probability(p)
         self.p = p
 
     def forward(self, x):

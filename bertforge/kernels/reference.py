@@ -63,18 +63,18 @@ def _varlen_attention(q, k, v, cu_seqlens, dropout_p, scale):
     skewed: a handful of long ones, many short); one call per distinct length is slow on packed batches with
     dozens of lengths. Buckets bound the padding to 2x and the calls to log2(longest / 16) + 1.
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    longest = max(lengths, default=0)
+    starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
+    lengths_list = lengths.tolist()
+    longest = max(lengths_list, default=0)
     buckets = {}
-    for seq, length in enumerate(lengths):
+    for seq, length in enumerate(lengths_list):
         if length:  # an empty sequence has no queries
             buckets.setdefault(_length_bucket(length, longest), []).append(seq)
-    starts, lengths_t = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
     token_index, outputs = [], []
     for width, seqs in buckets.items():
         seqs = torch.tensor(seqs, device=q.device)
         positions = torch.arange(width, device=q.device)
-        real = positions[None, :] < lengths_t[seqs, None]  # (n, width)
+        real = positions[None, :] < lengths[seqs, None]  # (n, width)
         # Padding slots read token 0: they are masked as keys and their query outputs are dropped.
         index = torch.where(real, starts[seqs, None] + positions, 0).flatten()
         qb, kb, vb = (t.index_select(0, index).unflatten(0, real.shape).transpose(1, 2) for t in (q, k, v))
