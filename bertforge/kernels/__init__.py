@@ -7,6 +7,7 @@ Imports nothing else of bertforge. See `_dispatch` for how a call picks Triton o
 from .attention import attention
 from .dropout import Dropout, dropout
 from .gelu import bias_gelu
+from ._validate import checks_values
 from .layer_norm import layer_norm
 
-__all__ = ["attention", "layer_norm", "bias_gelu", "dropout", "Dropout"]
+__all__ = ["attention", "layer_norm", "bias_gelu", "dropout", "Dropout", "checks_values"]

@@ -1,9 +1,17 @@
 """Input checks shared by the Triton ops and their references, so bad input fails the same way on every path."""
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = tuple(range(16, 129, 16))  # 16, 32, ..., 128
+
+
+def checks_values(t: torch.Tensor) -> bool:
+    """Whether to run checks that read a tensor's values: always for CPU tensors (free), for device tensors only
+    with BERTFORGE_DEBUG=1, since reading device memory from Python waits for the GPU (a host sync)."""
+    return t.device.type == "cpu" or os.environ.get("BERTFORGE_DEBUG", "0") == "1"
 
 
 def _check_float(name, t, dtypes=FLOAT_DTYPES):
