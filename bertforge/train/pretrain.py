@@ -21,8 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from bertforge.model import BertConfig, BertForMaskedLM
 from bertforge.model.growth import OPTIMIZER_STATE_MODES, depth, stack
 
-from . import data
 from .loop import LoopSettings, Trainer, linear_warmup_decay, setup_distributed
+from .mlm import MLMBatches, heldout_batches
+from .shards import build_shards
 
 
 @dataclasses.dataclass
@@ -144,7 +145,7 @@ def build_optimizer(model, cfg: PretrainConfig, device) -> torch.optim.AdamW:
 
 def heldout_loss(shards, cfg: PretrainConfig, device):
     """Evaluation function: mean MLM loss over the masked tokens of the fixed held-out batches."""
-    batches = list(data.heldout_batches(shards, batch_size=cfg.batch_size, max_seq_length=cfg.max_seq_length,
+    batches = list(heldout_batches(shards, batch_size=cfg.batch_size, max_seq_length=cfg.max_seq_length,
                                         max_batches=cfg.eval_batches))
 
     def evaluate(model):
@@ -171,12 +172,12 @@ def build_trainer(cfg: PretrainConfig) -> Trainer:
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     torch.manual_seed(cfg.seed)
     if rank == 0:
-        shards = data.build_shards(cfg.corpus, cfg.tokenizer, vocab_size=cfg.vocab_size, progress=cfg.progress)
+        shards = build_shards(cfg.corpus, cfg.tokenizer, vocab_size=cfg.vocab_size, progress=cfg.progress)
     if world_size > 1:
         torch.distributed.barrier()
     if rank != 0:
-        shards = data.build_shards(cfg.corpus, cfg.tokenizer, vocab_size=cfg.vocab_size, progress=False)
-    batches = data.MLMBatches(shards, cfg.batch_size, cfg.max_seq_length, seed=cfg.seed, rank=rank,
+        shards = build_shards(cfg.corpus, cfg.tokenizer, vocab_size=cfg.vocab_size, progress=False)
+    batches = MLMBatches(shards, cfg.batch_size, cfg.max_seq_length, seed=cfg.seed, rank=rank,
                               world_size=world_size)
     plan = cfg.plan()
     model = BertForMaskedLM(model_config(cfg, shards.vocab.size, plan[0][0])).to(device)

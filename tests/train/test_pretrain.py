@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from bertforge.model.growth import depth
-from bertforge.train import corpus as corpus_module
 from bertforge.train import checkpoint as checkpoint_module
+from bertforge.train import corpus as corpus_module
 from bertforge.train.checkpoint import CheckpointError, load_checkpoint
 from bertforge.train.cli import main as cli_main
 from bertforge.train.pretrain import PretrainConfig, parse_stages, pretrain
