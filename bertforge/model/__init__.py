@@ -7,10 +7,11 @@ from .bert import (
     BertForSequenceClassification,
     BertLayer,
     BertModel,
-    BertOutput,
+    BertModelOutput,
     BertPooler,
     BertSelfAttention,
     Layout,
+    ResidualLayerNorm,
 )
 from .config import BertConfig
 from .convert import load_hf_state_dict, save_pretrained
@@ -23,10 +24,11 @@ __all__ = [
     "BertForSequenceClassification",
     "BertLayer",
     "BertModel",
-    "BertOutput",
+    "BertModelOutput",
     "BertPooler",
     "BertSelfAttention",
     "Layout",
+    "ResidualLayerNorm",
     "load_hf_state_dict",
     "save_pretrained",
 ]

@@ -25,8 +25,9 @@ IGNORE_INDEX = -100  # label value of a position that has no MLM target (as in H
 
 
 @dataclasses.dataclass
-class BertOutput:
-    """What a forward returns; fields that do not apply are None."""
+class BertModelOutput:
+    """What the forward of every model here returns (BertModel and the task heads); fields that do not apply
+    are None. (Not Hugging Face's BertOutput, which is the feed-forward sublayer.)"""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -49,8 +50,8 @@ class Layout:
     key_padding_mask: torch.Tensor | None = None
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm's parameters, computed by the fused kernel as LN(x + residual)."""
+class ResidualLayerNorm(nn.LayerNorm):
+    """LN(x + residual) by the fused kernel, with nn.LayerNorm's parameters (and state-dict names)."""
 
     def forward(self, x, residual=None):
         if residual is not None:
@@ -78,7 +79,7 @@ class BertEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
-        self.norm = LayerNorm(h, eps=config.layer_norm_eps)
+        self.norm = ResidualLayerNorm(h, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, position_ids, token_type_ids):
@@ -117,10 +118,10 @@ class BertLayer(nn.Module):
         h, eps = config.hidden_size, config.layer_norm_eps
         heads, ffn = config.layer_heads(index), config.layer_intermediate_size(index)
         self.attention = BertSelfAttention(h, heads, config.head_dim, config.attention_probs_dropout_prob)
-        self.attention_norm = LayerNorm(h, eps=eps)
+        self.attention_norm = ResidualLayerNorm(h, eps=eps)
         self.intermediate = LinearGELU(h, ffn, GELU_APPROXIMATE[config.hidden_act])
         self.output = nn.Linear(ffn, h)
-        self.output_norm = LayerNorm(h, eps=eps)
+        self.output_norm = ResidualLayerNorm(h, eps=eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, layout: Layout):
@@ -156,7 +157,7 @@ class BertMLMHead(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = LinearGELU(config.hidden_size, config.hidden_size, GELU_APPROXIMATE[config.hidden_act])
-        self.norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = ResidualLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, h, decoder_weight):
@@ -250,7 +251,7 @@ class BertPreTrainedModel(nn.Module):
 
 
 class BertModel(BertPreTrainedModel):
-    """Embeddings -> encoder.layers -> pooler. forward(input_ids, attention_mask, token_type_ids) -> BertOutput."""
+    """Embeddings -> encoder.layers -> pooler; forward returns a BertModelOutput."""
 
     hf_architecture = "BertModel"
     base_prefix = ""
@@ -280,7 +281,7 @@ class BertModel(BertPreTrainedModel):
         x = self.encoder(self.embeddings(*ids.unbind(-1)), layout)
         x = pad(x, indices, batch, seq) if layout.cu_seqlens is not None else x.view(batch, seq, -1)
         pooled = self.pooler(x) if self.pooler is not None else None
-        return BertOutput(last_hidden_state=x, pooler_output=pooled)
+        return BertModelOutput(last_hidden_state=x, pooler_output=pooled)
 
 
 class BertForMaskedLM(BertPreTrainedModel):
@@ -303,13 +304,13 @@ class BertForMaskedLM(BertPreTrainedModel):
         out = self.bert(input_ids, attention_mask, token_type_ids)
         h, decoder = out.last_hidden_state, self.bert.embeddings.word_embeddings.weight
         if labels is None:
-            return BertOutput(logits=self.head(h, decoder), last_hidden_state=h)
+            return BertModelOutput(logits=self.head(h, decoder), last_hidden_state=h)
         check_mlm_labels(self.config, labels, input_ids, attention_mask)
         # Sparse prediction: only the labelled ~15% of positions go through the vocabulary-sized decoder.
         labelled = (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
         logits = self.head(h.flatten(0, 1).index_select(0, labelled), decoder)
         loss = F.cross_entropy(logits, labels.flatten().index_select(0, labelled))
-        return BertOutput(loss=loss, logits=logits, last_hidden_state=h)
+        return BertModelOutput(loss=loss, logits=logits, last_hidden_state=h)
 
 
 def classification_loss(logits, labels, problem_type=None):
@@ -351,5 +352,5 @@ class BertForSequenceClassification(BertPreTrainedModel):
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"labels must have batch size {logits.shape[0]} first, got {got}")
         loss = classification_loss(logits, labels, self.config.problem_type) if labels is not None else None
-        return BertOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state,
+        return BertModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state,
                           pooler_output=out.pooler_output)

@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_leaves
 
 from bert_inputs import mlm_labels, ragged_batch, random_lengths, tiny_config
 from bertforge.kernels._dispatch import use_triton
-from bertforge.model import BertForMaskedLM, BertForSequenceClassification, BertModel, BertOutput
+from bertforge.model import BertForMaskedLM, BertForSequenceClassification, BertModel, BertModelOutput
 from bertforge.model.convert import to_hf
 from bertforge.train.corpus import minilm_checkpoint
 
@@ -231,7 +231,7 @@ def test_classification_losses(problem):
     labels = {"single": torch.randint(0, 3, (5,)), "regression": torch.randn(5),
               "multi": torch.randint(0, 2, (5, 4)).float()}[problem]
     out = model(ids, mask, types, labels=labels)
-    assert isinstance(out, BertOutput) and out.logits.shape == (5, num_labels)
+    assert isinstance(out, BertModelOutput) and out.logits.shape == (5, num_labels)
     expected = {"single": lambda: F.cross_entropy(out.logits, labels),
                 "regression": lambda: F.mse_loss(out.logits.squeeze(-1), labels),
                 "multi": lambda: F.binary_cross_entropy_with_logits(out.logits, labels)}[problem]()
