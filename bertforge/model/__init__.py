@@ -15,8 +15,10 @@ from .bert import (
 )
 from .config import BertConfig
 from .convert import load_hf_state_dict, save_pretrained
+from .packing import IGNORE_INDEX, TokenPacking, mlm_label_positions
 
 __all__ = [
+    "IGNORE_INDEX",
     "BertConfig",
     "BertEmbeddings",
     "BertEncoder",
@@ -29,6 +31,8 @@ __all__ = [
     "BertSelfAttention",
     "Layout",
     "ResidualLayerNorm",
+    "TokenPacking",
     "load_hf_state_dict",
+    "mlm_label_positions",
     "save_pretrained",
 ]

@@ -4,7 +4,10 @@
 - With an attention_mask, only real tokens run through the network: they are gathered right after the input
   ids, every layer works on (total_tokens, hidden) with varlen attention, and the last hidden state is
   scattered back to (batch, seq, hidden) at the end (zeros at padding).
-- The MLM head computes logits only where labels != -100 when labels are given (sparse prediction).
+- The MLM head computes logits only where labels != IGNORE_INDEX when labels are given (sparse prediction).
+- Given a TokenPacking and label_positions built on the CPU by the collator (packing.py), the model's own code
+  reads no device values in forward or backward, so the GPU need not wait on the host; its value checks then run
+  on device tensors only under BERTFORGE_DEBUG=1.
 
 Hugging Face checkpoints load and save through `from_pretrained` / `save_pretrained` (see convert.py).
 """
@@ -15,13 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bertforge.kernels import Dropout, attention, bias_gelu, layer_norm
-from bertforge.kernels.padding import pad, unpad
+from bertforge.kernels import Dropout, attention, bias_gelu, checks_values, layer_norm
+from bertforge.kernels.padding import pad
 
 from . import convert
 from .config import GELU_APPROXIMATE, BertConfig
-
-IGNORE_INDEX = -100  # label value of a position that has no MLM target (as in Hugging Face)
+from .packing import IGNORE_INDEX, TokenPacking, mlm_label_positions
 
 
 @dataclasses.dataclass
@@ -181,8 +183,12 @@ def init_weights(module: nn.Module, std: float):
             nn.init.zeros_(m.bias)
 
 
-def check_inputs(config: BertConfig, input_ids, attention_mask=None, token_type_ids=None):
-    """Raise ValueError naming what is wrong with a batch; return (batch, seq)."""
+def check_inputs(config: BertConfig, input_ids, attention_mask=None, token_type_ids=None, packing=None):
+    """Raise ValueError naming what is wrong with a batch; return (batch, seq).
+
+    Shapes, dtypes and devices are always checked; values only where `checks_values` allows (CPU tensors, or
+    BERTFORGE_DEBUG=1), since reading a GPU tensor's values makes the host wait for the device.
+    """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {got}")
@@ -195,7 +201,13 @@ def check_inputs(config: BertConfig, input_ids, attention_mask=None, token_type_
         raise ValueError(f"sequence length {seq} exceeds max_position_embeddings = {config.max_position_embeddings}")
     _check_like("attention_mask", attention_mask, input_ids)
     _check_like("token_type_ids", token_type_ids, input_ids)
-    if torch.compiler.is_compiling():  # value checks read the data and would break the graph
+    if packing is not None:
+        if not isinstance(packing, TokenPacking):
+            raise ValueError(f"packing must be a TokenPacking, got {type(packing).__name__}")
+        if attention_mask is None:
+            raise ValueError("packing given without attention_mask; pass the mask it was built from")
+        packing.check_layout(batch, seq, input_ids.device)
+    if not _reads_values(input_ids):
         return batch, seq
     _check_range("input_ids", input_ids, config.vocab_size, "vocab_size")
     if token_type_ids is not None:
@@ -203,18 +215,39 @@ def check_inputs(config: BertConfig, input_ids, attention_mask=None, token_type_
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 and 1 (or be bool)")
+    if packing is not None:
+        packing.check_matches(attention_mask)
     return batch, seq
 
 
-def check_mlm_labels(config: BertConfig, labels, input_ids, attention_mask=None):
-    """Labels (batch, seq): a token id where there is an MLM target, -100 elsewhere (padding included)."""
+def check_mlm_labels(config: BertConfig, labels, input_ids, attention_mask=None, label_positions=None):
+    """Labels (batch, seq): a token id where there is an MLM target, IGNORE_INDEX elsewhere (padding included).
+    label_positions, if given, must be mlm_label_positions(labels)."""
     _check_like("labels", labels, input_ids)
-    if torch.compiler.is_compiling():
+    if label_positions is not None:
+        if not isinstance(label_positions, torch.Tensor) or label_positions.dtype != torch.int64 \
+                or label_positions.dim() != 1:
+            got = (f"{label_positions.dtype} of shape {tuple(label_positions.shape)}"
+                   if isinstance(label_positions, torch.Tensor) else type(label_positions).__name__)
+            raise ValueError(f"label_positions must be a 1-D int64 tensor, got {got}")
+        if label_positions.device != labels.device:
+            raise ValueError(f"label_positions is on {label_positions.device}, labels on {labels.device}")
+        if label_positions.numel() > labels.numel():
+            raise ValueError(f"label_positions has {label_positions.numel()} entries, more than labels' "
+                             f"{labels.numel()} positions")
+    if not _reads_values(labels):
         return
     labelled = labels != IGNORE_INDEX
-    _check_range("labels", labels[labelled], config.vocab_size, "vocab_size", " (or -100 = no target)")
+    _check_range("labels", labels[labelled], config.vocab_size, "vocab_size", f" (or {IGNORE_INDEX} = no target)")
     if attention_mask is not None and bool((labelled & (attention_mask == 0)).any()):
-        raise ValueError("labels given at padding positions (attention_mask == 0); use -100 there")
+        raise ValueError(f"labels given at padding positions (attention_mask == 0); use {IGNORE_INDEX} there")
+    if label_positions is not None and not torch.equal(label_positions, mlm_label_positions(labels)):
+        raise ValueError("label_positions does not match labels; build it with mlm_label_positions(labels)")
+
+
+def _reads_values(t) -> bool:
+    """Whether value checks may read `t`: not while compiling (a graph break), not on a GPU unless debugging."""
+    return not torch.compiler.is_compiling() and checks_values(t)
 
 
 def _check_like(name, t, input_ids):
@@ -266,20 +299,24 @@ class BertModel(BertPreTrainedModel):
         self.unpad = True
         init_weights(self, config.initializer_range)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        batch, seq = check_inputs(self.config, input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, packing: TokenPacking | None = None):
+        """packing: TokenPacking.from_attention_mask(attention_mask), built on the CPU; without it the forward
+        computes it here, which on a GPU waits for the device to read the mask."""
+        batch, seq = check_inputs(self.config, input_ids, attention_mask, token_type_ids, packing)
         positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
         ids = torch.stack((input_ids, positions, types.to(input_ids.dtype)), dim=-1)  # (batch, seq, 3)
         if attention_mask is not None and self.unpad:
+            if packing is None:
+                packing = TokenPacking.from_attention_mask(attention_mask)
             # Gather the real tokens before the embeddings; positions keep their place in the padded row.
-            ids, indices, cu_seqlens, max_seqlen = unpad(ids, attention_mask)
-            layout = Layout(batch, seq, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            ids = ids.flatten(0, 1).index_select(0, packing.indices)
+            layout = Layout(batch, seq, cu_seqlens=packing.cu_seqlens, max_seqlen=packing.max_seqlen)
         else:
             mask = attention_mask.bool() if attention_mask is not None else None
             ids, layout = ids.flatten(0, 1), Layout(batch, seq, key_padding_mask=mask)
         x = self.encoder(self.embeddings(*ids.unbind(-1)), layout)
-        x = pad(x, indices, batch, seq) if layout.cu_seqlens is not None else x.view(batch, seq, -1)
+        x = pad(x, packing.indices, batch, seq) if layout.cu_seqlens is not None else x.view(batch, seq, -1)
         pooled = self.pooler(x) if self.pooler is not None else None
         return BertModelOutput(last_hidden_state=x, pooler_output=pooled)
 
@@ -287,7 +324,7 @@ class BertModel(BertPreTrainedModel):
 class BertForMaskedLM(BertPreTrainedModel):
     """BertModel (no pooler) + MLM head with the decoder tied to the word embeddings.
 
-    With labels: loss over positions whose label is not -100, and logits (n_labelled, vocab) for those
+    With labels: loss over positions whose label is not IGNORE_INDEX, and logits (n_labelled, vocab) for those
     positions only, in row-major order. Without labels: logits (batch, seq, vocab).
     """
 
@@ -300,16 +337,23 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.head = BertMLMHead(config)
         init_weights(self.head, config.initializer_range)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        out = self.bert(input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                packing: TokenPacking | None = None, label_positions: torch.Tensor | None = None):
+        """label_positions: mlm_label_positions(labels), built on the CPU; without it the forward finds the
+        labelled positions here, which on a GPU waits for the device. packing: see BertModel.forward."""
+        if labels is None and label_positions is not None:
+            raise ValueError("label_positions given without labels")
+        out = self.bert(input_ids, attention_mask, token_type_ids, packing)
         h, decoder = out.last_hidden_state, self.bert.embeddings.word_embeddings.weight
         if labels is None:
             return BertModelOutput(logits=self.head(h, decoder), last_hidden_state=h)
-        check_mlm_labels(self.config, labels, input_ids, attention_mask)
+        check_mlm_labels(self.config, labels, input_ids, attention_mask, label_positions)
+        if label_positions is None:
+            label_positions = mlm_label_positions(labels)
         # Sparse prediction: only the labelled ~15% of positions go through the vocabulary-sized decoder.
-        labelled = (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
-        logits = self.head(h.flatten(0, 1).index_select(0, labelled), decoder)
-        loss = F.cross_entropy(logits, labels.flatten().index_select(0, labelled))
+        logits = self.head(h.flatten(0, 1).index_select(0, label_positions), decoder)
+        targets = labels.flatten().index_select(0, label_positions)
+        loss = F.cross_entropy(logits, targets)
         return BertModelOutput(loss=loss, logits=logits, last_hidden_state=h)
 
 
@@ -345,8 +389,9 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         init_weights(self.classifier, config.initializer_range)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        out = self.bert(input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                packing: TokenPacking | None = None):
+        out = self.bert(input_ids, attention_mask, token_type_ids, packing)
         logits = self.classifier(self.dropout(out.pooler_output))
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[:1] != logits.shape[:1]):
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
