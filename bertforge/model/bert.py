@@ -109,7 +109,7 @@ class BertSelfAttention(nn.Module):
         else:
             q, k, v = qkv.unflatten(0, (layout.batch, layout.seqlen)).permute(2, 0, 3, 1, 4)  # (b, heads, s, d)
             y = attention(q, k, v, key_padding_mask=layout.key_padding_mask, dropout_p=dropout_p).transpose(1, 2)
-        return self.proj(y.reshape(x.shape[0], -1))
+        return self.proj(y.reshape(x.shape[0], self.heads * self.head_dim))
 
 
 class BertLayer(nn.Module):
@@ -325,7 +325,8 @@ class BertForMaskedLM(BertPreTrainedModel):
     """BertModel (no pooler) + MLM head with the decoder tied to the word embeddings.
 
     With labels: loss over positions whose label is not IGNORE_INDEX, and logits (n_labelled, vocab) for those
-    positions only, in row-major order. Without labels: logits (batch, seq, vocab).
+    positions only, in row-major order; a batch without any labelled position has loss 0 (zero gradients).
+    Without labels: logits (batch, seq, vocab).
     """
 
     hf_architecture = "BertForMaskedLM"
@@ -353,7 +354,9 @@ class BertForMaskedLM(BertPreTrainedModel):
         # Sparse prediction: only the labelled ~15% of positions go through the vocabulary-sized decoder.
         logits = self.head(h.flatten(0, 1).index_select(0, label_positions), decoder)
         targets = labels.flatten().index_select(0, label_positions)
-        loss = F.cross_entropy(logits, targets)
+        # No labelled position: cross-entropy's mean over nothing is NaN, which would poison the weights; the
+        # empty sum is 0 and gives zero gradients.
+        loss = F.cross_entropy(logits, targets) if label_positions.numel() else logits.sum()
         return BertModelOutput(loss=loss, logits=logits, last_hidden_state=h)
 
 

@@ -124,6 +124,48 @@ def test_all_ones_mask_equals_no_mask():
     assert (with_mask.pooler_output - without.pooler_output).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
+def test_a_padding_only_row_leaves_the_other_rows_unchanged(unpad):
+    model = BertModel(tiny_config()).eval()
+    model.unpad = unpad
+    ids, mask, types = ragged_batch(model.config.vocab_size, [0, 6, 9])
+    with torch.no_grad():
+        together, alone = model(ids, mask, types), model(ids[1:], mask[1:], types[1:])
+    real = mask[1:].bool()
+    assert (together.last_hidden_state[1:] - alone.last_hidden_state)[real].abs().max() <= 1e-6
+    assert (together.pooler_output[1:] - alone.pooler_output).abs().max() <= 1e-6
+    assert torch.isfinite(together.last_hidden_state).all() and torch.isfinite(together.pooler_output).all()
+    if unpad:
+        assert torch.all(together.last_hidden_state[0] == 0)
+
+
+@pytest.mark.parametrize("kernels", ["reference", pytest.param("triton", marks=pytest.mark.triton_interpreter)])
+def test_batch_of_padding_only_gives_zeros_and_a_zero_loss(kernels):
+    """Every row padding: zeros at every position (as at any padding) and, with no labelled position, an MLM
+    loss of 0 with zero gradients (cross-entropy's mean over nothing would be NaN)."""
+    config = tiny_config(num_hidden_layers=1)
+    model = BertForMaskedLM(config).train()
+    assert use_triton(torch.empty(1)) == (kernels == "triton")
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    out = model(ids, torch.zeros_like(ids), labels=torch.full_like(ids, -100))
+    out.loss.backward()
+    assert torch.equal(out.last_hidden_state, torch.zeros(3, 7, config.hidden_size))
+    assert out.logits.shape == (0, config.vocab_size) and out.loss.item() == 0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(not g.any() for g in grads)
+
+
+def test_mlm_loss_without_any_labelled_position_is_zero_with_zero_gradients():
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForMaskedLM(config)
+    ids, mask, types = ragged_batch(config.vocab_size, random_lengths(3, 10))
+    out = model(ids, mask, types, labels=torch.full_like(ids, -100))
+    out.loss.backward()
+    assert out.loss.item() == 0 and out.logits.shape == (0, config.vocab_size)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(not g.any() for g in grads)
+
+
 def test_mlm_sparse_loss_equals_dense_loss():
     config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = BertForMaskedLM(config)
