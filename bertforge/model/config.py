@@ -6,6 +6,15 @@ from pathlib import Path
 
 # hidden_act -> the `approximate` argument of bertforge.kernels.bias_gelu
 GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass
@@ -52,12 +61,12 @@ class BertConfig:
         return sizes[i] if sizes is not None else self.intermediate_size
 
     def validate(self):
-        """Raise ValueError naming the first inconsistent field."""
+        """Raise ValueError naming the first field of a wrong type or an inconsistent value."""
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "max_position_embeddings", "type_vocab_size", "num_labels")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"BertConfig.{name} must be a positive int, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
@@ -65,21 +74,25 @@ class BertConfig:
         if self.head_dim % 16 or not 16 <= self.head_dim <= 128:
             raise ValueError(f"head_dim = hidden_size / num_attention_heads = {self.head_dim}; the attention kernel "
                              "needs a multiple of 16 between 16 and 128")
-        if self.hidden_act not in GELU_APPROXIMATE:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in GELU_APPROXIMATE:
             raise ValueError(f"hidden_act must be one of {sorted(GELU_APPROXIMATE)}, got {self.hidden_act!r}")
         if self.position_embedding_type != "absolute":
             raise ValueError(f"only absolute position embeddings are supported, got {self.position_embedding_type!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             p = getattr(self, name)
-            if p is not None and not 0.0 <= p < 1.0:
+            if p is not None and not (_is_number(p) and 0.0 <= p < 1.0):
                 raise ValueError(f"BertConfig.{name} must be in [0, 1), got {p!r}")
-        if not self.layer_norm_eps > 0 or not self.initializer_range > 0:
-            raise ValueError("layer_norm_eps and initializer_range must be positive, got "
-                             f"{self.layer_norm_eps!r} and {self.initializer_range!r}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
-        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
-            raise ValueError(f"unknown problem_type {self.problem_type!r}")
+        for name in ("layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0:
+                raise ValueError(f"BertConfig.{name} must be a positive number, got {value!r}")
+        if not _is_int(self.pad_token_id) or not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"BertConfig.pad_token_id must be an int in [0, vocab_size={self.vocab_size}), "
+                             f"got {self.pad_token_id!r}")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"unknown problem_type {self.problem_type!r}; one of {PROBLEM_TYPES}")
+        if self.id2label is not None and not isinstance(self.id2label, dict):
+            raise ValueError(f"BertConfig.id2label must be a dict {{index: label}}, got {self.id2label!r}")
         if self.id2label is not None and len(self.id2label) != self.num_labels:
             raise ValueError(f"id2label has {len(self.id2label)} entries but num_labels is {self.num_labels}")
         for name in ("heads_per_layer", "intermediate_size_per_layer"):
@@ -97,8 +110,11 @@ class BertConfig:
     def from_dict(cls, d: dict) -> "BertConfig":
         """From a Hugging Face BERT config.json dict; ValueError for another architecture or a decoder config."""
         d = dict(d)
-        model_type = d.get("model_type", "bert")
-        architectures = d.get("architectures") or []
+        if "model_type" not in d:
+            raise ValueError('not a BERT config: no "model_type" field (a BERT config.json has "model_type": "bert")')
+        model_type, architectures = d["model_type"], d.get("architectures") or []
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise ValueError(f"architectures must be a list of class names, got {architectures!r}")
         if model_type != "bert" or any(not a.startswith("Bert") for a in architectures):
             raise ValueError(f"not a BERT config: model_type={model_type!r}, architectures={architectures!r}")
         if d.get("is_decoder") or d.get("add_cross_attention"):
@@ -106,7 +122,10 @@ class BertConfig:
         if d.get("tie_word_embeddings") is False:
             raise ValueError("tie_word_embeddings=false is not supported: the MLM decoder is the word embedding")
         if d.get("id2label") is not None:
-            d["id2label"] = {int(k): v for k, v in d["id2label"].items()}
+            labels = d["id2label"]
+            if not isinstance(labels, dict) or not all(isinstance(k, int) or str(k).isdigit() for k in labels):
+                raise ValueError(f"id2label must map class indices to names, got {labels!r}")
+            d["id2label"] = {int(k): v for k, v in labels.items()}
             d.setdefault("num_labels", len(d["id2label"]))
         if d.get("pruned_heads"):
             raise ValueError("Hugging Face pruned_heads configs are not supported; bertforge stores pruned sizes "
@@ -127,8 +146,20 @@ class BertConfig:
         return d
 
     @classmethod
-    def from_json_file(cls, path) -> "BertConfig":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    def from_json_file(cls, path, **overrides) -> "BertConfig":
+        """Read a config.json, `overrides` replacing its fields (e.g. num_labels); every error names the file."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object of config fields, got a {type(d).__name__}")
+        try:
+            return cls.from_dict({**d, **overrides})
+        except ValueError as e:
+            source = f"{path} with overrides {overrides}" if overrides else str(path)
+            raise ValueError(f"{source}: {e}") from e
 
     def to_json_file(self, path, architectures=None):
         d = self.to_dict()

@@ -9,6 +9,7 @@ warning) so that an encoder checkpoint can start any task.
 
 import dataclasses
 import json
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -130,33 +131,64 @@ def load_hf_state_dict(model, state_dict: dict):
     return model
 
 
-def read_checkpoint(path) -> dict:
-    """Tensors of a Hugging Face folder: model.safetensors, pytorch_model.bin, or their sharded indexes."""
-    from safetensors.torch import load_file
-
+def checkpoint_files(path) -> list[Path]:
+    """The weight files of a Hugging Face folder: model.safetensors, pytorch_model.bin, or their sharded indexes'
+    shards."""
     path = Path(path)
     for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return [path / name]
         index = path / f"{name}.index.json"
-        files = [path / name] if (path / name).exists() else []
-        if not files and index.exists():
-            files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        if files:
-            state = {}
-            for f in files:
-                state.update(load_file(f) if name.endswith(".safetensors")
-                             else torch.load(f, map_location="cpu", weights_only=True))
-            return state
+        if index.exists():
+            try:
+                shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f'{index} is not a sharded-checkpoint index (a JSON object with a "weight_map" '
+                                 f"object): {e!r}") from e
+            return [path / shard for shard in sorted(set(shards))]
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or sharded index) in {path}")
 
 
+def read_tensors(file: Path) -> dict:
+    """The tensors of one .safetensors or PyTorch .bin file; ValueError naming the file if it cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if file.suffix == ".safetensors":
+        try:
+            return load_file(file)
+        except SafetensorError as e:
+            raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{file} is not a readable PyTorch checkpoint ({type(e).__name__}, see the cause "
+                         "above)") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(t) for t in state.values()):
+        raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def read_checkpoint(path) -> dict:
+    """Tensors of a Hugging Face folder: model.safetensors, pytorch_model.bin, or their sharded indexes."""
+    state = {}
+    for file in checkpoint_files(path):
+        state.update(read_tensors(file))
+    return state
+
+
 def load_pretrained(cls, path, **config_overrides):
-    """Build `cls` from a Hugging Face BERT folder; config_overrides replace config.json fields (e.g. num_labels)."""
+    """Build `cls` from a Hugging Face BERT folder; config_overrides replace config.json fields (e.g. num_labels).
+    Errors name the file they come from."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}")
-    config = BertConfig.from_dict({**json.loads((path / "config.json").read_text()), **config_overrides})
+    config = BertConfig.from_json_file(path / "config.json", **config_overrides)
     state = read_checkpoint(path)
-    return load_hf_state_dict(cls(config), state)
+    try:
+        return load_hf_state_dict(cls(config), state)
+    except ValueError as e:
+        raise ValueError(f"{', '.join(str(f) for f in checkpoint_files(path))}: {e}") from e
 
 
 def live_config(model) -> BertConfig:

@@ -1,6 +1,7 @@
 """BertConfig: Hugging Face config.json in and out, per-layer sizes, validation."""
 
 import json
+import re
 
 import pytest
 import transformers
@@ -52,8 +53,8 @@ def test_per_layer_sizes():
     (dict(hidden_act="relu"), "hidden_act must be one of"),
     (dict(position_embedding_type="relative_key"), "only absolute position embeddings"),
     (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob must be in"),
-    (dict(layer_norm_eps=0.0), "layer_norm_eps and initializer_range must be positive"),
-    (dict(pad_token_id=30522), "pad_token_id"),
+    (dict(layer_norm_eps=0.0), "layer_norm_eps must be a positive number, got 0.0"),
+    (dict(pad_token_id=30522), r"pad_token_id must be an int in \[0, vocab_size=30522\), got 30522"),
     (dict(num_hidden_layers=2, heads_per_layer=[12]), "heads_per_layer must list one size per layer"),
     (dict(num_hidden_layers=2, intermediate_size_per_layer=[5, 0]), "must hold positive ints"),
     (dict(num_labels=2, id2label={0: "a"}), "id2label has 1 entries but num_labels is 2"),
@@ -73,3 +74,46 @@ def test_invalid_config_raises(fields, message):
 def test_foreign_config_json_raises(fields, message):
     with pytest.raises(ValueError, match=message):
         BertConfig.from_dict({"model_type": "bert", **fields})
+
+
+def _write_config(folder, text):
+    path = folder / "config.json"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"hidden_size": "768"}, "hidden_size must be a positive int, got '768'"),
+    ({"num_attention_heads": True}, "num_attention_heads must be a positive int, got True"),
+    ({"hidden_dropout_prob": "0.1"}, r"hidden_dropout_prob must be in \[0, 1\), got '0.1'"),
+    ({"layer_norm_eps": None}, "layer_norm_eps must be a positive number, got None"),
+    ({"hidden_act": ["gelu"]}, "hidden_act must be one of"),
+    ({"pad_token_id": "0"}, "pad_token_id must be an int"),
+    ({"problem_type": ["regression"]}, "unknown problem_type"),
+    ({"id2label": ["neg", "pos"]}, "id2label must map class indices to names"),
+    ({"architectures": "BertModel"}, "architectures must be a list of class names"),
+])
+def test_config_json_of_wrong_field_types_names_file_and_field(tmp_path, fields, message):
+    path = _write_config(tmp_path, json.dumps({**BertConfig().to_dict(), **fields}))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": .*" + message):
+        BertConfig.from_json_file(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"model_type": "bert", "hidden_size": 768,', "is not valid JSON"),
+    (b"[1, 2]", "must hold a JSON object of config fields, got a list"),
+    (b"\xff\xfe{}", "is not valid JSON"),  # not UTF-8
+])
+def test_unreadable_config_json_names_the_file(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + " " + message):
+        BertConfig.from_json_file(path)
+
+
+def test_config_json_without_model_type_is_not_a_bert_config(tmp_path):
+    fields = BertConfig().to_dict()
+    del fields["model_type"]
+    path = _write_config(tmp_path, json.dumps(fields))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r': not a BERT config: no "model_type" field'):
+        BertConfig.from_json_file(path)

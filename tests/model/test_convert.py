@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -188,3 +189,63 @@ def test_grown_and_pruned_model_saves_its_live_shape(tmp_path):
     assert written["num_hidden_layers"] == 3
     assert written["heads_per_layer"] == [1, 2, 1] and written["intermediate_size_per_layer"] == [8, 48, 8]
     assert_same_tensors(BertForSequenceClassification.from_pretrained(tmp_path), ours)
+
+
+def _saved_tiny_model(folder):
+    BertModel(tiny_config()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors_error_names_the_file(tmp_path, damage):
+    path = _saved_tiny_model(tmp_path) / "model.safetensors"
+    content = path.read_bytes()
+    path.write_bytes({"truncated": content[: len(content) // 2], "garbage": b"not a checkpoint" * 8,
+                      "empty": b""}[damage])
+    with pytest.raises(ValueError, match=re.escape(str(path)) + " is not a readable safetensors file"):
+        BertModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"not a zip or a pickle", "a tensor, not a dict"], ids=["garbage", "tensor"])
+def test_unreadable_pytorch_bin_error_names_the_file(tmp_path, content):
+    BertConfig().to_json_file(tmp_path / "config.json")
+    path = tmp_path / "pytorch_model.bin"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+        message = " is not a readable PyTorch checkpoint"
+    else:
+        torch.save(torch.zeros(3), path)
+        message = " holds a Tensor, not a state dict of tensors"
+    with pytest.raises(ValueError, match=re.escape(str(path)) + message):
+        BertModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": ', '{"metadata": {}}', '{"weight_map": ["a.safetensors"]}'])
+def test_broken_shard_index_error_names_the_file(tmp_path, index):
+    BertConfig().to_json_file(tmp_path / "config.json")
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text(index)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + " is not a sharded-checkpoint index"):
+        BertModel.from_pretrained(tmp_path)
+
+
+def test_checkpoint_that_does_not_fit_names_the_file(tmp_path):
+    BertModel(tiny_config(intermediate_size=64)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    message = re.escape(str(tmp_path / "model.safetensors")) + ": checkpoint shapes do not fit BertModel"
+    with pytest.raises(ValueError, match=message):
+        BertModel.from_pretrained(tmp_path)
+
+
+def test_folder_with_bad_config_names_config_json(tmp_path):
+    _saved_tiny_model(tmp_path)
+    config_path = tmp_path / "config.json"
+    with pytest.raises(ValueError, match=re.escape(f"{config_path} with overrides {{'num_labels': 0}}: ")
+                       + "BertConfig.num_labels must be a positive int"):
+        BertForSequenceClassification.from_pretrained(tmp_path, num_labels=0)
+    config = json.loads(config_path.read_text())
+    del config["model_type"]  # e.g. another library's config.json next to BERT-shaped weights
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(str(config_path)) + r': not a BERT config: no "model_type"'):
+        BertModel.from_pretrained(tmp_path)
