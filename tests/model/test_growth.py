@@ -54,6 +54,32 @@ def test_stack_keeps_parameters_and_optimizer_state_in_place():
     assert all(id(p) in in_groups for p in new_params), "new parameters must join the optimizer"
 
 
+def decay_groups_optimizer(model):
+    """AdamW with two groups as training's build_optimizer makes them: weight decay on matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["copy", "reset"])
+def test_copies_join_the_param_group_of_their_source(mode):
+    model = tiny_model(2)
+    optimizer = decay_groups_optimizer(model)
+    train_step(model, optimizer, mlm_batch())
+    stack(model, optimizer, optimizer_state=mode)
+    group_index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    layers = encoder_layers(model)
+    pairs = [(name, source, copy) for i in range(2)
+             for (name, source), (_, copy) in zip(layers[i].named_parameters(), layers[i + 2].named_parameters())]
+    assert any(source.dim() < 2 for _, source, _ in pairs) and any(source.dim() >= 2 for _, source, _ in pairs)
+    for name, source, copy in pairs:
+        assert group_index[id(copy)] == group_index[id(source)], f"{name}: copy in another group than its source"
+        expected_decay = 0.01 if copy.dim() >= 2 else 0.0
+        assert optimizer.param_groups[group_index[id(copy)]]["weight_decay"] == expected_decay, name
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(model.parameters()))
+
+
 @pytest.mark.parametrize("mode", ["copy", "reset"])
 def test_copies_equal_their_sources_without_sharing_storage(mode):
     model = tiny_model(2)
@@ -101,8 +127,8 @@ def test_bad_arguments():
     model = tiny_model(1)
     with pytest.raises(ValueError, match="optimizer_state"):
         stack(model, optimizer_state="keep")
-    optimizer = torch.optim.AdamW(model.bert.embeddings.parameters())
+    optimizer = torch.optim.AdamW(model.bert.embeddings.parameters())  # the layers' parameters are missing
     with pytest.raises(ValueError, match="not in the optimizer"):
-        stack(tiny_model(1), optimizer)
+        stack(model, optimizer)
     with pytest.raises(TypeError, match="encoder.layers"):
         stack(torch.nn.Linear(2, 2))
