@@ -1,9 +1,12 @@
-"""Shared Triton plumbing: interpreter detection, autotune pruning, offline compile specs."""
+"""Shared Triton plumbing: interpreter detection, autotune pruning, grid sizing, offline compile specs."""
 
 import dataclasses
+import inspect
 import os
 
 import torch
+import triton.language as tl
+from triton.runtime import Autotuner
 
 
 def interpreting() -> bool:
@@ -36,8 +39,36 @@ class CompileSpec:
 
 def config_label(config) -> str:
     """Readable name of a triton.Config: its block sizes, warps and stages."""
-    blocks = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return f"{blocks},w{config.num_warps},s{config.num_stages}"
+    return ",".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"w{config.num_warps}", f"s{config.num_stages}"])
+
+
+def compile_spec(kernel, config, dtype: str, types: dict, constexprs: dict, label: str = "",
+                 divisible_scalars=()) -> CompileSpec:
+    """One kernel variant for the offline compile check, the same way for every op.
+
+    kernel: a @triton.jit function or the autotuner around one; config: the triton.Config it runs with (its block
+    sizes join `constexprs`); dtype: the op's dtype name; types: compile types of pointer and float arguments (the
+    others are i32); label: what tells this variant apart besides the config (e.g. a head_dim class).
+    Pointers are marked 16-divisible, as the JIT marks torch's aligned pointers, and so are `divisible_scalars`,
+    the integer arguments real calls pass as multiples of 16: without that, loads are not vectorised.
+    """
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    signature = kernel_signature(fn, types)
+    divisible = tuple(a for a, kind in signature.items() if kind.startswith("*") or a in divisible_scalars)
+    return CompileSpec(kernel_name=fn.__name__.strip("_").removesuffix("_kernel"), fn=fn, signature=signature,
+                       constexprs={**constexprs, **config.kwargs}, num_warps=config.num_warps,
+                       num_stages=config.num_stages, config=",".join(filter(None, (label, config_label(config)))),
+                       dtype=dtype, divisible_args=divisible)
+
+
+PROGRAMS_PER_SM = 4  # enough resident programs per SM to hide memory latency in the backward reductions
+
+
+def programs_to_fill(device) -> int:
+    """Programs to split a backward reduction over: a few per SM on a GPU. Elsewhere (the interpreter, which runs
+    programs one after another) the host counts as one SM: fewer, longer programs cost it nothing."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return PROGRAMS_PER_SM * sms
 
 
 _poison = False
@@ -63,5 +94,7 @@ def empty(shape, dtype, device):
 
 
 def kernel_signature(fn, types: dict, default: str = "i32") -> dict:
-    """Compile signature of a JITFunction: constexpr params marked, others typed from `types` (else `default`)."""
-    return {p.name: "constexpr" if p.is_constexpr else types.get(p.name, default) for p in fn.params}
+    """Compile signature of a @triton.jit function (a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1):
+    constexpr params marked, others typed from `types` (else `default`)."""
+    params = inspect.signature(fn.fn).parameters.values()  # fn.fn: the Python function in either wrapper
+    return {p.name: "constexpr" if p.annotation is tl.constexpr else types.get(p.name, default) for p in params}

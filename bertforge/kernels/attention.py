@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import use_triton
-from ._triton import TRITON_DTYPE, CompileSpec, config_label, empty, interpreting, kernel_signature
+from ._triton import TRITON_DTYPE, CompileSpec, compile_spec, empty, interpreting
 from ._validate import check_attention_inputs
 
 LOG2E = 1.4426950408889634
@@ -50,6 +50,7 @@ DQ_CONFIGS = {  # BLOCK_M queries held, BLOCK_N keys streamed
     (4, 64): _configs((32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
     (4, 128): _configs((32, 32, 4, 2)),
 }
+DELTA_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)  # elementwise + row sums: no loop
 
 
 def shipped_configs(table, block_d, elem_bytes):
@@ -319,19 +320,6 @@ def _attention_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _dropout_mask_kernel(Keep, seed, max_seqlen, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Materialise the keep-mask the attention kernels use, (batch*heads, max_seqlen, max_seqlen), for tests."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p)
-    ptrs = Keep + pid_bh.to(tl.int64) * max_seqlen * max_seqlen + rows[:, None] * max_seqlen + cols[None, :]
-    tl.store(ptrs, keep.to(tl.int8), mask=(rows < max_seqlen)[:, None] & (cols < max_seqlen)[None, :])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 
@@ -353,8 +341,9 @@ def draw_dropout_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-class _Problem:
-    """Everything the kernels need to know about one call, computed once and shared by forward and backward."""
+class AttentionProblem:
+    """One attention call as the kernels see it (layout, sizes, dropout, scale, pointer arguments), computed once
+    and shared by forward and backward."""
 
     def __init__(self, q, key_padding_mask, cu_seqlens, is_varlen, batch, heads, max_seqlen, head_dim,
                  dropout_p, softmax_scale, seed):
@@ -412,11 +401,11 @@ def attention_backward(do, q, k, v, out, lse, problem, dkdv_config=None, dq_conf
     args = problem.kernel_args()
     os_, dos = problem.strides(out), problem.strides(do)
     delta = empty(lse.shape, torch.float32, q.device)
-    block_m = 64
-    _attention_bwd_delta_kernel[(triton.cdiv(problem.max_seqlen, block_m), problem.batch * problem.heads)](
+    delta_grid = (triton.cdiv(problem.max_seqlen, DELTA_CONFIG.kwargs["BLOCK_M"]), problem.batch * problem.heads)
+    _attention_bwd_delta_kernel[delta_grid](
         out, do, delta, args["CuSeqlens"], os_[0], os_[1], os_[2], dos[0], dos[1], dos[2],
         problem.heads, problem.seqlen_padded, problem.max_seqlen, problem.head_dim,
-        IS_VARLEN=problem.is_varlen, BLOCK_D=args["BLOCK_D"], BLOCK_M=block_m)
+        IS_VARLEN=problem.is_varlen, BLOCK_D=args["BLOCK_D"], **DELTA_CONFIG.all_kwargs())
 
     dq, dk, dv = (empty(q.shape, q.dtype, q.device) for _ in range(3))  # contiguous: one set of strides
     qs, ks, vs, gs = (problem.strides(t) for t in (q, k, v, dq))
@@ -466,45 +455,29 @@ def attention(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
     if q.numel() == 0:
         return q.clone()
     seed = draw_dropout_seed() if dropout_p > 0.0 else 0
-    problem = _Problem(q, key_padding_mask, cu_seqlens, is_varlen, batch, heads, max_len, head_dim,
-                       dropout_p, softmax_scale, seed)
+    problem = AttentionProblem(q, key_padding_mask, cu_seqlens, is_varlen, batch, heads, max_len, head_dim,
+                               dropout_p, softmax_scale, seed)
     # Views of a fused QKV projection need no copy: the kernels take any strides but a unit last one.
     return AttentionFunction.apply(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), problem)
 
 
-def dropout_keep_mask(batch, heads, max_seqlen, dropout_p, seed, device):
-    """The bool keep-mask (batch, heads, max_seqlen, max_seqlen) that `attention` uses for this seed (for tests)."""
-    keep = torch.empty((batch * heads, max_seqlen, max_seqlen), dtype=torch.int8, device=device)
-    grid = (triton.cdiv(max_seqlen, 64), triton.cdiv(max_seqlen, 64), batch * heads)
-    _dropout_mask_kernel[grid](keep, seed, max_seqlen, dropout_p, BLOCK_M=64, BLOCK_N=64)
-    return keep.bool().view(batch, heads, max_seqlen, max_seqlen)
-
-
-def compile_specs():
+def compile_specs() -> list[CompileSpec]:
     """Every shipped kernel variant for the offline compile check: each config a call may run with, for
     fp16/bf16/fp32 and both head_dim classes, with mask and dropout on (the variant with the most live registers)."""
+    kernels = (_attention_fwd_kernel, _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel)
+    # Strides and head_dim are multiples of 16 on typical calls (head_dim is), so the JIT marks them divisible.
+    divisible_scalars = {name for kernel in kernels for name in kernel.fn.arg_names if name.startswith("stride_")}
+    divisible_scalars.add("head_dim")
     specs = []
-    for dtype, name in TRITON_DTYPE.items():
-        elem_bytes = dtype.itemsize
-        types = {arg: f"*{name}" for arg in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "Keep")}
-        types.update(Lse="*fp32", Delta="*fp32", KeyMask="*u8", CuSeqlens="*i32", Keep="*i8",
+    for torch_dtype, dtype in TRITON_DTYPE.items():
+        types = {arg: f"*{dtype}" for arg in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")}
+        types.update(Lse="*fp32", Delta="*fp32", KeyMask="*u8", CuSeqlens="*i32",
                      scale_log2="fp32", softmax_scale="fp32", dropout_p="fp32")
         for block_d in (64, 128):
             flags = dict(IS_VARLEN=False, HAS_MASK=True, HAS_DROPOUT=True, DOT_IN_FP32=False, BLOCK_D=block_d)
-            for kernel, table in ((_attention_fwd_kernel, FWD_CONFIGS), (_attention_bwd_dkdv_kernel, DKDV_CONFIGS),
-                                  (_attention_bwd_dq_kernel, DQ_CONFIGS)):
-                for config in shipped_configs(table, block_d, elem_bytes):
-                    specs.append(_spec(kernel.fn, types, {**flags, **config.kwargs}, config.num_warps,
-                                       config.num_stages, f"D{block_d},{config_label(config)}", name))
-            specs.append(_spec(_attention_bwd_delta_kernel, types, dict(IS_VARLEN=False, BLOCK_D=block_d, BLOCK_M=64),
-                               4, 1, f"D{block_d},BLOCK_M=64,w4", name))
-    specs.append(_spec(_dropout_mask_kernel, {"Keep": "*i8", "dropout_p": "fp32"}, dict(BLOCK_M=64, BLOCK_N=64),
-                       4, 1, "BLOCK_M=64,BLOCK_N=64,w4", "-"))
+            for kernel, table in zip(kernels, (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS)):
+                for config in shipped_configs(table, block_d, torch_dtype.itemsize):
+                    specs.append(compile_spec(kernel, config, dtype, types, flags, f"D{block_d}", divisible_scalars))
+            specs.append(compile_spec(_attention_bwd_delta_kernel, DELTA_CONFIG, dtype, types,
+                                      dict(IS_VARLEN=False, BLOCK_D=block_d), f"D{block_d}", divisible_scalars))
     return specs
-
-
-def _spec(fn, types, constexprs, num_warps, num_stages, label, dtype):
-    signature = kernel_signature(fn, types)
-    divisible = tuple(a for a in signature if signature[a].startswith("*") or a.startswith("stride_") or a == "head_dim")
-    return CompileSpec(kernel_name=fn.__name__.strip("_"), fn=fn, signature=signature, constexprs=constexprs,
-                       num_warps=num_warps, num_stages=num_stages, config=label, dtype=dtype, divisible_args=divisible)

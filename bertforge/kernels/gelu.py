@@ -12,7 +12,7 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import use_triton
-from ._triton import TRITON_DTYPE, CompileSpec, config_label, empty, prune_configs_for_host
+from ._triton import TRITON_DTYPE, CompileSpec, compile_spec, empty, programs_to_fill, prune_configs_for_host
 from ._validate import check_bias_gelu_inputs
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
@@ -171,9 +171,7 @@ def bias_gelu_forward(x, bias, approximate):
 
 def _backward_row_strips(n_rows, device):
     """(rows per backward program, number of row programs): a few strips per SM on a GPU, a handful otherwise."""
-    # The interpreter runs programs one by one, so fewer, longer strips cost it nothing and keep the buffer small.
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, target), _MAX_BLOCK_ROWS) * _MAX_BLOCK_ROWS
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs_to_fill(device)), _MAX_BLOCK_ROWS) * _MAX_BLOCK_ROWS
     return rows_per_program, triton.cdiv(n_rows, rows_per_program)
 
 
@@ -219,31 +217,15 @@ def bias_gelu(x, bias, approximate="none"):
 
 def compile_specs() -> list[CompileSpec]:
     """Every (kernel, autotune config, dtype, GELU form) variant, for the offline sm_80 / sm_90 compile check."""
-    # Runtime arguments of each kernel; pointers take the op's dtype except the fp32 dbias buffer.
-    kernels = {
-        "bias_gelu_forward": (_bias_gelu_forward_kernel, {"X": "*", "Bias": "*", "Y": "*",
-                                                          "n_rows": "i32", "N": "i32"}),
-        "bias_gelu_backward": (_bias_gelu_backward_kernel, {"DY": "*", "X": "*", "Bias": "*", "DX": "*",
-                                                            "DBiasPartial": "*fp32", "n_rows": "i32", "N": "i32",
-                                                            "rows_per_program": "i32"}),
-    }
-    # What the JIT marks 16-divisible on real calls: torch's aligned pointers, the width N (the row stride; BERT's
-    # widths are multiples of 16) and rows_per_program (a multiple of _MAX_BLOCK_ROWS). n_rows is any token count.
-    divisible = ("X", "Bias", "Y", "DY", "DX", "DBiasPartial", "N", "rows_per_program")
     specs = []
-    for kernel_name, (kernel, runtime_args) in kernels.items():
+    for kernel in (_bias_gelu_forward_kernel, _bias_gelu_backward_kernel):
         for config in kernel.configs:
             for dtype in TRITON_DTYPE.values():
+                types = {name: f"*{dtype}" for name in ("X", "Bias", "Y", "DY", "DX")} | {"DBiasPartial": "*fp32"}
                 for approximate in ("none", "tanh"):
-                    constexprs = {**config.kwargs, "APPROXIMATE_TANH": approximate == "tanh"}
-                    signature = {}
-                    for name in kernel.fn.arg_names:
-                        kind = "constexpr" if name in constexprs else runtime_args[name]
-                        signature[name] = kind + dtype if kind == "*" else kind
-                    specs.append(CompileSpec(
-                        kernel_name=f"{kernel_name}[{approximate}]", fn=kernel.fn, signature=signature,
-                        constexprs=constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
-                        config=config_label(config), dtype=dtype,
-                        divisible_args=tuple(name for name in signature if name in divisible),
-                    ))
+                    # Real calls pass the width N (the row stride; BERT's widths are multiples of 16) and
+                    # rows_per_program (a multiple of _MAX_BLOCK_ROWS) as multiples of 16; n_rows is any count.
+                    specs.append(compile_spec(kernel, config, dtype, types, {"APPROXIMATE_TANH": approximate == "tanh"},
+                                              label=f"approximate={approximate}",
+                                              divisible_scalars=("N", "rows_per_program")))
     return specs

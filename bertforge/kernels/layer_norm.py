@@ -12,7 +12,7 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import use_triton
-from ._triton import TRITON_DTYPE, CompileSpec, config_label, empty, kernel_signature, prune_configs_for_host
+from ._triton import TRITON_DTYPE, CompileSpec, compile_spec, empty, programs_to_fill, prune_configs_for_host
 from ._validate import check_layer_norm_inputs
 
 MAX_N = 8192  # one row must fit in a program's registers; at 8192 the shipped configs still do not spill
@@ -110,13 +110,6 @@ def _block_n(n):
     return triton.next_power_of_2(n)
 
 
-def _backward_programs(device):
-    """Enough programs to fill the GPU a few times over; few under the interpreter, where each one is slow."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def layer_norm_forward(x, weight, bias, eps, residual=None):
     """Launch the forward on x (rows, N) contiguous; return y (rows, N) in x's dtype and fp32 mean, rstd (rows,)."""
     n_rows, n = x.shape
@@ -134,7 +127,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, residual=None):
     """Launch the backward on (rows, N) contiguous tensors; return dx in x's dtype and fp32 dweight, dbias (N,)."""
     n_rows, n = x.shape
     block_n = _block_n(n)
-    rows_per_program = max(1, triton.cdiv(n_rows, _backward_programs(x.device)))
+    rows_per_program = max(1, triton.cdiv(n_rows, programs_to_fill(x.device)))
     programs = max(1, triton.cdiv(n_rows, rows_per_program))  # no idle program; one writes zeros if rows == 0
     dx = empty((n_rows, n), x.dtype, x.device)
     dweight_partial = empty((programs, n), torch.float32, x.device)
@@ -181,28 +174,18 @@ def layer_norm(x, weight, bias, eps=1e-12, residual=None):
 
 def compile_specs() -> list[CompileSpec]:
     """Every kernel x autotune config x dtype, at BLOCK_N 8192 (the worst case) and 1024, with a residual."""
-    kernels = (  # name, kernel, configs, pointers to data in the spec's dtype, pointers to fp32 buffers
-        ("layer_norm_forward", _layer_norm_forward_kernel, FORWARD_CONFIGS,
-         ("X", "Residual", "Weight", "Bias", "Y"), ("Mean", "Rstd")),
-        ("layer_norm_backward", _layer_norm_backward_kernel, BACKWARD_CONFIGS,
-         ("DY", "X", "Residual", "Weight", "DX"), ("Mean", "Rstd", "DWeightPartial", "DBiasPartial")),
+    kernels = (  # kernel, configs, pointers to data in the spec's dtype, pointers to fp32 buffers
+        (_layer_norm_forward_kernel, FORWARD_CONFIGS, ("X", "Residual", "Weight", "Bias", "Y"), ("Mean", "Rstd")),
+        (_layer_norm_backward_kernel, BACKWARD_CONFIGS, ("DY", "X", "Residual", "Weight", "DX"),
+         ("Mean", "Rstd", "DWeightPartial", "DBiasPartial")),
     )
     specs = []
     for dtype in TRITON_DTYPE.values():
-        for kernel_name, kernel, configs, data_pointers, fp32_pointers in kernels:
-            pointers = {**{name: f"*{dtype}" for name in data_pointers}, **{name: "*fp32" for name in fp32_pointers}}
-            signature = kernel_signature(kernel.fn, {**pointers, "eps": "fp32"})  # the other scalars are i32
+        for kernel, configs, data_pointers, fp32_pointers in kernels:
+            types = {name: f"*{dtype}" for name in data_pointers} | {name: "*fp32" for name in fp32_pointers}
             for block_n in (MAX_N, 1024):
                 for config in configs:
-                    specs.append(CompileSpec(
-                        kernel_name=kernel_name,
-                        fn=kernel.fn,
-                        signature=signature,
-                        constexprs={"HAS_RESIDUAL": True, "BLOCK_N": block_n, **config.kwargs},
-                        num_warps=config.num_warps,
-                        num_stages=config.num_stages,
-                        config=f"BLOCK_N={block_n},{config_label(config).lstrip(',')}",
-                        dtype=dtype,
-                        divisible_args=tuple(pointers) + ("N",),  # N = BLOCK_N here, a multiple of 16
-                    ))
+                    specs.append(compile_spec(kernel, config, dtype, types | {"eps": "fp32"},
+                                              {"HAS_RESIDUAL": True, "BLOCK_N": block_n}, label=f"BLOCK_N={block_n}",
+                                              divisible_scalars=("N",)))  # N = BLOCK_N here, a multiple of 16
     return specs

@@ -11,11 +11,12 @@ from bertforge.kernels import attention, reference
 from bertforge.kernels._triton import poison_outputs
 from bertforge.kernels._validate import HEAD_DIMS
 from bertforge.kernels.attention import (
-    DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, _Problem, attention_backward, attention_forward, draw_dropout_seed,
-    dropout_keep_mask, shipped_configs,
+    DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, AttentionProblem, attention_backward, attention_forward, draw_dropout_seed,
+    shipped_configs,
 )
 from bertforge.kernels.padding import padded_to_varlen, varlen_to_padded
 from tests.conftest import assert_close_rel
+from tests.kernels.dropout_mask import dropout_keep_mask
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -207,7 +208,7 @@ def _run_with_configs(dtype, head_dim, fwd=None, dkdv=None, dq=None):
     mask = mask_from_lengths([77, 40], seqlen)
     q, k, v = (t.detach() for t in random_qkv((batch, heads, seqlen, head_dim), dtype))
     seed = draw_dropout_seed()
-    problem = _Problem(q, mask, None, False, batch, heads, seqlen, head_dim, p, None, seed)
+    problem = AttentionProblem(q, mask, None, False, batch, heads, seqlen, head_dim, p, None, seed)
     d_out = torch.randn_like(q)
     with poison_outputs():
         out, lse = attention_forward(q, k, v, problem, config=fwd)

@@ -2,6 +2,7 @@
 
 import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,6 +88,17 @@ def test_dbias_spans_several_backward_programs():
     # Rows 130 (in the matrix above) must split into several strips, or the partial-sum reduction goes untested.
     _, row_programs = gelu._backward_row_strips(130, torch.device("cpu"))
     assert row_programs > 1
+
+
+def test_dbias_backward_gives_every_sm_a_strip_on_a_gpu(monkeypatch):
+    # No GPU here: H100-like device properties stand in, so the CUDA branch of the split runs.
+    sms = 132
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=sms))
+    n_rows = 32 * 512  # a BERT batch of tokens
+    rows_per_program, row_programs = gelu._backward_row_strips(n_rows, torch.device("cuda"))
+    assert row_programs >= sms
+    assert rows_per_program % gelu._MAX_BLOCK_ROWS == 0  # whole tiles whatever config the autotuner picks
+    assert (row_programs - 1) * rows_per_program < n_rows <= row_programs * rows_per_program  # no empty strip
 
 
 NON_CONTIGUOUS_X = {
