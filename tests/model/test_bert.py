@@ -1,5 +1,6 @@
 """The encoder and its heads: parity with transformers on a real checkpoint, unpadding, sparse MLM, errors."""
 
+import collections
 import copy
 
 import pytest
@@ -210,17 +211,16 @@ def test_mlm_training_step_never_builds_full_logits():
 
 
 def test_layers_are_self_contained():
-    """Progressive stacking deep-copies layers and appends them: a copy must own all and only its weights."""
+    """Progressive stacking deep-copies layers and appends them: no weight may be reachable from two modules (the
+    copy would duplicate a shared one), and the encoder must run every layer in its list, appended ones too."""
     model = BertModel(tiny_config()).eval()
-    layers = model.encoder.layers
-    copied = copy.deepcopy(layers[0])
-    assert sum(p.numel() for p in copied.parameters()) == sum(p.numel() for p in layers[0].parameters())
-    layers.append(copied)
+    places = collections.Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+    shared = [name for name, p in model.named_parameters(remove_duplicate=False) if places[p.data_ptr()] > 1]
+    assert not shared, f"weights reachable from two modules: {shared}"
+    copied = copy.deepcopy(model.encoder.layers[0])
+    model.encoder.layers.append(copied)
     ids, mask, types = ragged_batch(model.config.vocab_size, random_lengths(3, 11))
-    out = model(ids, mask, types).last_hidden_state
-    out.square().sum().backward()
-    pointers = [p.data_ptr() for p in model.parameters()]
-    assert len(set(pointers)) == len(pointers)
+    model(ids, mask, types).last_hidden_state.square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in copied.parameters())
 
 
@@ -265,19 +265,31 @@ def test_per_layer_sizes_build_and_run():
     assert out.logits.shape == (3, 2) and torch.isfinite(out.loss)
 
 
-@pytest.mark.parametrize("problem", ["single", "regression", "multi"])
-def test_classification_losses(problem):
-    num_labels = {"single": 3, "regression": 1, "multi": 4}[problem]
-    model = BertForSequenceClassification(tiny_config(num_labels=num_labels)).eval()
-    ids, mask, types = ragged_batch(model.config.vocab_size, random_lengths(5, 10))
-    labels = {"single": torch.randint(0, 3, (5,)), "regression": torch.randn(5),
-              "multi": torch.randint(0, 2, (5, 4)).float()}[problem]
-    out = model(ids, mask, types, labels=labels)
-    assert isinstance(out, BertModelOutput) and out.logits.shape == (5, num_labels)
-    expected = {"single": lambda: F.cross_entropy(out.logits, labels),
-                "regression": lambda: F.mse_loss(out.logits.squeeze(-1), labels),
-                "multi": lambda: F.binary_cross_entropy_with_logits(out.logits, labels)}[problem]()
-    assert torch.allclose(out.loss, expected)
+CLASSIFICATION_PROBLEMS = {  # problem -> (num_labels, config.problem_type, random labels for a batch of 5)
+    "single label (inferred from int labels)": (3, None, lambda: torch.randint(0, 3, (5,))),
+    "regression (inferred from one output)": (1, None, lambda: torch.randn(5)),
+    "multi label (inferred from float labels)": (4, None, lambda: torch.randint(0, 2, (5, 4)).float()),
+    "regression of two outputs (configured)": (2, "regression", lambda: torch.randn(5, 2)),
+}
+
+
+@pytest.mark.parametrize("problem", CLASSIFICATION_PROBLEMS)
+def test_classification_loss_matches_transformers(problem, tmp_path):
+    """Hugging Face picks the loss from num_labels, the labels' dtype or config.problem_type; so must we."""
+    num_labels, problem_type, random_labels = CLASSIFICATION_PROBLEMS[problem]
+    ours = BertForSequenceClassification(tiny_config(num_labels=num_labels, problem_type=problem_type)).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)  # logits far from zero, so that the losses differ from one another
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.BertForSequenceClassification.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ids, mask, types = ragged_batch(ours.config.vocab_size, random_lengths(5, 10))
+    labels = random_labels()
+    with torch.no_grad():
+        got = ours(ids, mask, types, labels=labels)
+        expected = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    assert isinstance(got, BertModelOutput) and got.logits.shape == (5, num_labels)
+    assert relative_error(got.loss, expected.loss) <= 1e-5, (got.loss.item(), expected.loss.item())
 
 
 def _bad_inputs():
