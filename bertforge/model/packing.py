@@ -19,7 +19,7 @@ from bertforge.kernels.padding import unpad
 IGNORE_INDEX = -100  # label of a position without an MLM target (as in Hugging Face and torch's cross_entropy)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # no field-wise ==: tensors have no single truth value
 class TokenPacking:
     """Where the real tokens of a padded (batch, seq) batch are.
 
