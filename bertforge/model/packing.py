@@ -1,8 +1,8 @@
-"""Index tensors a data collator builds on the CPU, so that the model's forward on a GPU never waits on the host.
+"""Index tensors a data collator builds on the CPU, so that the model's code on a GPU never makes the host wait.
 
 Finding the real tokens of a padded batch (`nonzero`, the longest length) or its labelled positions reads the
-data; on a GPU that is a device-to-host sync per step. Computed on the CPU where the batch is made and moved
-with it, they cost nothing:
+data; on a GPU that is a device-to-host sync per step, which stalls the queue of work. Computed on the CPU where
+the batch is made and moved with it, they need no sync:
 
     packing = TokenPacking.from_attention_mask(attention_mask)      # in the collator, on the CPU
     label_positions = mlm_label_positions(labels)
