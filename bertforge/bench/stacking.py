@@ -81,9 +81,7 @@ def run(scale: str = "small", out: str = "report/stacking", corpus=None, progres
                                     **common)
     curves, steps = {}, {}
     for name, cfg in runs.items():
-        log = Path(cfg.out_dir) / "log.jsonl"
-        log.unlink(missing_ok=True)  # a fresh run, not appended to an old log
-        pretrain(cfg)
+        pretrain(dataclasses.replace(cfg, overwrite=True))  # a fresh run, not appended to an old one
         curves[name], steps[name] = eval_log(Path(cfg.out_dir))
 
     target = curves[SCRATCH][-1][1]

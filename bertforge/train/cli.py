@@ -13,7 +13,10 @@ import sys
 import types
 import typing
 
+from .checkpoint import CheckpointError
 from .pretrain import PretrainConfig, pretrain
+from .run_folder import RunFolderError
+from .text import CorpusError
 
 COMMANDS = {"pretrain": (PretrainConfig, pretrain)}
 
@@ -55,27 +58,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json_problem(field: dataclasses.Field, value) -> str | None:
+    """Why a JSON value does not fit a field annotated bool, int, float, str, or `X | None`; None if it fits."""
+    annotation = field.type
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    fits = {bool: lambda v: isinstance(v, bool),
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            str: lambda v: isinstance(v, str)}
+    if any(fits[kind](value) for kind in allowed if kind in fits):
+        return None
+    expected = " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
+    return f"{field.name} must be {expected}, got {json.dumps(value)}"
+
+
 def config_from_args(config_class, args: argparse.Namespace):
+    """Defaults, then the JSON file, then flags; every problem is reported at once, one line each, before any work."""
     values = {}
     if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            values = json.load(f)
-        known = {f.name for f in dataclasses.fields(config_class)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SystemExit(f"{args.config}: unknown fields {unknown}")
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"bertforge: cannot read config file {args.config}: {error}") from None
+        if not isinstance(values, dict):
+            raise SystemExit(f"bertforge: config file {args.config} must hold a JSON object of field values")
+        fields = {f.name: f for f in dataclasses.fields(config_class)}
+        problems = [f"unknown field {name!r}" for name in sorted(set(values) - set(fields))]
+        problems += [p for name, value in values.items() if name in fields
+                     for p in [_json_problem(fields[name], value)] if p]
+        if problems:
+            raise SystemExit(f"bertforge: bad config file {args.config}:\n  " + "\n  ".join(problems))
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
     try:
         return config_class(**values)
     except ValueError as error:
-        raise SystemExit(f"bad configuration: {error}") from None
+        raise SystemExit("bertforge: bad configuration:\n  " + str(error).replace("\n", "\n  ")) from None
+
+
+# A user's mistake or a run that cannot go on: one line, no traceback.
+USER_ERRORS = (CorpusError, CheckpointError, RunFolderError, FloatingPointError, FileNotFoundError)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config_class, run = COMMANDS[args.command]
     config = config_from_args(config_class, args)
-    summary = run(config)
+    try:
+        summary = run(config)
+    except USER_ERRORS as error:
+        raise SystemExit(f"bertforge {args.command}: {error}") from None
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
 
 

@@ -1,19 +1,28 @@
 """The one training loop every method runs on: data -> step -> log -> eval -> checkpoint.
 
-    step: forward (bf16 autocast on GPU) -> loss / grad_accum -> backward -> clip -> optimizer -> schedule
+    step: forward (bf16 autocast on GPU) -> loss / grad_accum -> backward -> clip -> check -> optimizer -> schedule
 
 A method is a hook: an object with any of these methods, called by the loop.
     on_step_start(trainer)          before each optimizer step (e.g. grow the model at a stage boundary)
     restore(trainer, checkpoint)    on resume, before the states load: rebuild the checkpoint's model shape
     state_dict() / load_state_dict  extra state to checkpoint
 A hook that changes the model assigns `trainer.model` (stacking re-wraps a DDP model).
+
+Host syncs: the GPU never waits for Python except once per optimizer step, where the loop reads one small tensor
+holding the gradient norm's finiteness, the loss and (under DDP) whether any rank was asked to stop. A step whose
+loss or gradient norm is not finite is skipped (no parameter or optimizer-state update), logged and counted; too
+many in a row stop the run, and the last checkpoint, which never holds a skipped step's gradients, stays.
+
+SIGINT and SIGTERM finish the current optimizer step, save a checkpoint whose data position and RNG match the step
+counter, then end the run (KeyboardInterrupt for SIGINT, exit status 143 for SIGTERM). A second SIGINT aborts at once.
 """
 
 import contextlib
 import dataclasses
 import json
 import math
-import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -23,22 +32,86 @@ from tqdm.auto import tqdm
 
 from bertforge.model.growth import depth, unwrap
 
+from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+class ConfigError(ValueError):
+    """A configuration that would make training wrong; the message has one line per problem."""
+
+
 @dataclasses.dataclass
 class LoopSettings:
-    steps: int
+    """The loop's knobs; a recipe's config extends this class, so every field is also a CLI flag."""
+
+    steps: int | None = None  # optimizer steps in all
     grad_accum: int = 1
-    grad_clip: float | None = 1.0
-    log_interval: int = 10
-    eval_interval: int = 100
-    checkpoint_interval: int = 500
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping (the norm is still computed and checked)
+    max_skipped_in_a_row: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
     out_dir: str = "runs/run"
+    resume: bool = False
+    overwrite: bool = False  # replace the run already in out_dir (without it, such a folder is refused)
+    log_interval: int = 10
+    eval_interval: int = 100  # 0 = no evaluation
+    checkpoint_interval: int = 500
     stop_after: int | None = None  # stop (with a checkpoint) once this many steps are done: a planned interruption
+    dist_timeout: float = 600.0  # seconds a collective may wait for another rank before the job fails
     progress: bool = True
+
+    # not part of a run's identity: may change when it is resumed
+    BOOKKEEPING = ("out_dir", "resume", "overwrite", "log_interval", "eval_interval", "checkpoint_interval",
+                   "stop_after", "dist_timeout", "progress", "max_skipped_in_a_row")
+
+    def problems(self) -> list[str]:
+        """What is wrong with the values, one line each (empty when they are usable)."""
+        found = []
+        for name in ("grad_accum", "log_interval", "checkpoint_interval", "max_skipped_in_a_row"):
+            if getattr(self, name) < 1:
+                found.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            found.append(f"steps must be >= 1, got {self.steps}")
+        if self.eval_interval < 0:
+            found.append(f"eval_interval must be >= 0 (0 = no evaluation), got {self.eval_interval}")
+        if self.stop_after is not None and self.stop_after < 1:
+            found.append(f"stop_after must be >= 1 (or none), got {self.stop_after}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            found.append(f"grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
+        if not self.dist_timeout > 0:
+            found.append(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.resume and self.overwrite:
+            found.append("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
+        return found
+
+    def identity(self) -> dict:
+        """The fields that define the run: a checkpoint resumes only a run with the same ones."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.BOOKKEEPING}
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM only record a request to stop; the loop acts on it after the step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the step to finish
+        self.received = signum
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class Trainer:
@@ -51,11 +124,14 @@ class Trainer:
         self.hooks, self.run_config, self.device = list(hooks), run_config or {}, device
         self.step = 0
         self.train_time = 0.0  # seconds spent in training steps, excluding evaluation and checkpoints
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.skipped_steps = 0  # steps not applied because their loss or gradient norm was not finite
+        self._skipped_in_a_row = 0
+        self._saved_step = None
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.out_dir = Path(settings.out_dir)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
+        self._signals = _StopSignals()
         self._log_file = None
         self._tensorboard = None
 
@@ -67,55 +143,100 @@ class Trainer:
         bar = tqdm(total=s.steps, initial=self.step, disable=not s.progress or self.rank != 0, desc="train",
                    dynamic_ncols=True)
         try:
-            if self.step == 0 and s.eval_interval:
-                self._evaluate()
-            while self.step < last:
-                for hook in self.hooks:
-                    if hasattr(hook, "on_step_start"):
-                        hook.on_step_start(self)
-                started = time.perf_counter()
-                loss, tokens = self._optimizer_step()
-                self.train_time += time.perf_counter() - started
-                self.step += 1
-                bar.update(1)
-                if self.step % s.log_interval == 0 or self.step == last:
-                    self.log(kind="train", loss=loss, lr=self.scheduler.get_last_lr()[0],
-                             tokens_per_s=tokens / max(time.perf_counter() - started, 1e-9))
-                    bar.set_postfix(loss=f"{loss:.3f}", depth=self.depth_hint())
-                if s.eval_interval and (self.step % s.eval_interval == 0 or self.step == s.steps):
+            with self._signals:
+                if self.step == 0 and s.eval_interval:
                     self._evaluate()
-                if self.step % s.checkpoint_interval == 0 or self.step == last:
-                    self.save()
-        except KeyboardInterrupt:
-            self.save()  # nothing lost on Ctrl-C: the step counter says where to resume
-            raise
+                while self.step < last:
+                    for hook in self.hooks:
+                        if hasattr(hook, "on_step_start"):
+                            hook.on_step_start(self)
+                    started = time.perf_counter()
+                    loss, tokens, applied, stop = self._optimizer_step()
+                    self.train_time += time.perf_counter() - started
+                    self.step += 1
+                    bar.update(1)
+                    if not applied:
+                        self._skipped(loss)
+                    if self.step % s.log_interval == 0 or self.step == last:
+                        self.log(kind="train", loss=loss, lr=self.scheduler.get_last_lr()[0],
+                                 skipped_steps=self.skipped_steps,
+                                 tokens_per_s=tokens / max(time.perf_counter() - started, 1e-9))
+                        bar.set_postfix(loss=f"{loss:.3f}", depth=self.depth_hint())
+                    if s.eval_interval and (self.step % s.eval_interval == 0 or self.step == s.steps):
+                        self._evaluate()
+                    if self.step % s.checkpoint_interval == 0 or self.step == last or stop:
+                        self.save()
+                    if stop:
+                        self._stop(stop)
         finally:
             bar.close()
             self.close()
-        return {"step": self.step, "train_time": self.train_time}
+        return {"step": self.step, "train_time": self.train_time, "skipped_steps": self.skipped_steps}
 
     def _optimizer_step(self):
+        """One optimizer step over grad_accum micro-batches; returns (loss, tokens, applied, stop signal or 0)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, tokens = 0.0, 0
+        total_loss, tokens = torch.zeros((), device=self.device), 0
         accum = self.settings.grad_accum
         for micro in range(accum):
             cpu_batch = next(self.batches)
             # Counted on the CPU copy: counting on the device would sync every micro-batch.
             tokens += int(cpu_batch["attention_mask"].sum()) if "attention_mask" in cpu_batch else cpu_batch["input_ids"].numel()
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in cpu_batch.items()}
+            batch = {k: self._to_device(v) for k, v in cpu_batch.items()}
             sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
                 loss = self.model(**batch).loss / accum
                 loss.backward()
-            total_loss += loss.item()
-        if not math.isfinite(total_loss):
-            raise FloatingPointError(f"loss is {total_loss} at step {self.step}; last checkpoint in {self.out_dir}")
-        if self.settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        return total_loss, tokens * self.world_size
+            total_loss += loss.detach().float()
+        max_norm = self.settings.grad_clip or math.inf  # inf: only measure the norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # The step's one host sync: [not finite, SIGINT, SIGTERM, loss], summed over ranks so that all agree.
+        # torch.full writes a Python number into device memory without a copy from the host (no wait).
+        received = self._signals.received
+        status = torch.stack([(~torch.isfinite(grad_norm) | ~torch.isfinite(total_loss)).float(),
+                              torch.full((), float(received == signal.SIGINT), device=self.device),
+                              torch.full((), float(received == signal.SIGTERM), device=self.device),
+                              total_loss])
+        if self.world_size > 1:
+            dist.all_reduce(status)
+        nonfinite, sigint, sigterm, loss = status.tolist()
+        applied = nonfinite == 0 and math.isfinite(loss)
+        if applied:
+            self.optimizer.step()
+            self._skipped_in_a_row = 0
+        self.scheduler.step()  # a skipped step still advances the schedule, which is indexed by the step counter
+        stop = signal.SIGTERM if sigterm else signal.SIGINT if sigint else 0
+        return loss / self.world_size, tokens * self.world_size, applied, stop
+
+    def _to_device(self, value):
+        """Copy a batch value (a tensor, or an object with pin_memory() and to()) without waiting for the copy."""
+        if self.device.type == "cuda":
+            return value.pin_memory().to(self.device, non_blocking=True)
+        return value.to(self.device)
+
+    def _skipped(self, loss):
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.log(kind="skip", reason="non-finite loss or gradient norm", loss=loss,
+                 skipped_steps=self.skipped_steps)
+        if self._skipped_in_a_row > self.settings.max_skipped_in_a_row:
+            first = self.step - self._skipped_in_a_row + 1
+            kept = (f"the last checkpoint, {self.checkpoint_path()} at step {self._saved_step}, holds only finite "
+                    "updates" if self._saved_step is not None else "no checkpoint was written")
+            raise FloatingPointError(f"steps {first} to {self.step}: loss or gradient norm not finite "
+                                     f"{self._skipped_in_a_row} times in a row; stopped without applying them; {kept}")
+
+    def _stop(self, signum: int):
+        name = signal.Signals(signum).name
+        self.log(kind="stop", signal=name)
+        if self.rank == 0:
+            print(f"\n{name} received: stopped after step {self.step}; checkpoint saved to {self.checkpoint_path()}; "
+                  "continue with --resume true", file=sys.stderr)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
 
     def _evaluate(self):
         if self.rank != 0 or self.evaluate is None:
@@ -174,12 +295,14 @@ class Trainer:
         if self.rank == 0:
             module = unwrap(self.model)
             payload = {
-                "format": 1, "run_config": self.run_config, "step": self.step, "train_time": self.train_time,
-                "model_config": dataclasses.asdict(module.config), "model": module.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "per_rank": per_rank, "hooks": [getattr(h, "state_dict", dict)() for h in self.hooks],
+                "run_config": self.run_config, "step": self.step, "train_time": self.train_time,
+                "skipped_steps": self.skipped_steps, "model_config": dataclasses.asdict(module.config),
+                "model": module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "per_rank": per_rank,
+                "hooks": [getattr(h, "state_dict", dict)() for h in self.hooks],
             }
             save_checkpoint(payload, self.checkpoint_path())
+        self._saved_step = self.step
         if self.world_size > 1:
             dist.barrier()
 
@@ -207,6 +330,7 @@ class Trainer:
         self.batches.load_state_dict(mine["data"])
         set_rng_state(mine["rng"])
         self.step, self.train_time = checkpoint["step"], checkpoint["train_time"]
+        self.skipped_steps, self._saved_step = checkpoint["skipped_steps"], checkpoint["step"]
         return checkpoint
 
 
@@ -227,15 +351,3 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int):
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
-
-
-def setup_distributed():
-    """Initialise torch.distributed when launched by torchrun (NCCL on GPU, gloo on CPU); returns the device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")

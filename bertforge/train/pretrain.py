@@ -10,9 +10,11 @@ and the schedule ends at zero within the run's own budget (the fair baseline pro
 official code instead used a separate piecewise-linear schedule per stage; this single schedule is our choice.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import time
 
 import torch
@@ -21,18 +23,21 @@ from torch.nn.parallel import DistributedDataParallel
 from bertforge.model import BertConfig, BertForMaskedLM
 from bertforge.model.growth import OPTIMIZER_STATE_MODES, depth, stack
 
-from .loop import LoopSettings, Trainer, linear_warmup_decay, setup_distributed
+from . import distributed
+from .loop import ConfigError, LoopSettings, Trainer, linear_warmup_decay
 from .mlm import MLMBatches, heldout_batches
+from .run_folder import claim_run_folder
 from .shards import build_shards
+from .tokenizer import MIN_TRAINED_VOCAB
 
 
 @dataclasses.dataclass
-class PretrainConfig:
+class PretrainConfig(LoopSettings):
     """Every knob of a pre-training run; the CLI exposes each field as --name value."""
 
-    # model at its final depth (a stage plan starts shallower)
+    # model at its final depth (a stage plan starts shallower); num_layers None = the plan's last depth, or 4
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int | None = None
     num_heads: int = 2
     intermediate_size: int = 512
     dropout: float = 0.1
@@ -43,8 +48,7 @@ class PretrainConfig:
     vocab_size: int | None = None
     max_seq_length: int = 128
     batch_size: int = 32
-    # schedule
-    steps: int = 300  # optimizer steps in all; with a stage plan, the plan's total
+    # schedule: steps (a LoopSettings field) None = the plan's total, or 300 without a plan
     stages: str | None = "2:100,4:200"  # depth:steps,... ; None = train num_layers from scratch
     optimizer_state: str = "copy"  # state of the copied layers at a stacking step: copy or reset
     lr: float = 1e-3
@@ -53,38 +57,69 @@ class PretrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_eps: float = 1e-6
-    grad_clip: float = 1.0
-    grad_accum: int = 1
     seed: int = 0
-    # bookkeeping (not part of the run's identity: may change on resume)
+    # bookkeeping beyond the loop's (not part of the run's identity)
     out_dir: str = "runs/pretrain"
-    log_interval: int = 10
     eval_interval: int = 50
     eval_batches: int = 16
     checkpoint_interval: int = 100
-    resume: bool = False
-    stop_after: int | None = None
-    progress: bool = True
 
-    BOOKKEEPING = ("out_dir", "log_interval", "eval_interval", "eval_batches", "checkpoint_interval", "resume",
-                   "stop_after", "progress")
+    BOOKKEEPING = LoopSettings.BOOKKEEPING + ("eval_batches",)
 
     def __post_init__(self):
-        if self.optimizer_state not in OPTIMIZER_STATE_MODES:
-            raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {self.optimizer_state!r}")
+        found = self.problems()
+        if found:
+            raise ConfigError("\n".join(found))
+
+    def problems(self) -> list[str]:
+        found = []
         if self.stages is not None:
-            plan = parse_stages(self.stages)
-            self.num_layers, self.steps = plan[-1][0], sum(steps for _, steps in plan)
-        for name in ("steps", "batch_size", "max_seq_length", "grad_accum", "log_interval", "checkpoint_interval"):
+            try:
+                plan = parse_stages(self.stages)
+            except ValueError as error:
+                return [str(error)]
+            for name, from_plan in (("num_layers", plan[-1][0]), ("steps", sum(steps for _, steps in plan))):
+                if getattr(self, name) is None:
+                    setattr(self, name, from_plan)
+                elif getattr(self, name) != from_plan:
+                    found.append(f"{name} = {getattr(self, name)} contradicts the stage plan {self.stages!r} "
+                                 f"({name} {from_plan}); give one of them (--stages none trains num_layers alone)")
+        else:
+            self.num_layers = 4 if self.num_layers is None else self.num_layers
+            self.steps = 300 if self.steps is None else self.steps
+        found += super().problems()
+        if self.optimizer_state not in OPTIMIZER_STATE_MODES:
+            found.append(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {self.optimizer_state!r}")
+        for name in ("batch_size", "eval_batches"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                found.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_length < 5:
+            found.append(f"max_seq_length must be >= 5 ([CLS] A [SEP] B [SEP]), got {self.max_seq_length}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            found.append(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            found.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.weight_decay >= 0:
+            found.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                found.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            found.append(f"adam_eps must be > 0, got {self.adam_eps}")
+        if self.vocab_size is not None and self.tokenizer is not None:
+            found.append("give either tokenizer or vocab_size (a vocabulary to learn), not both")
+        if self.vocab_size is not None and self.vocab_size < MIN_TRAINED_VOCAB:
+            found.append(f"vocab_size must be >= {MIN_TRAINED_VOCAB} to learn word pieces, got {self.vocab_size}")
+        if self.seed < 0:
+            found.append(f"seed must be >= 0, got {self.seed}")
+        try:  # the model's own checks (heads dividing the width, head_dim for the kernel, dropout), before any work
+            model_config(self, self.vocab_size or MIN_TRAINED_VOCAB, self.num_layers)
+        except ValueError as error:
+            found.append(str(error))
+        return found
 
     def plan(self) -> list[tuple[int, int]]:
         return parse_stages(self.stages) if self.stages is not None else [(self.num_layers, self.steps)]
-
-    def identity(self) -> dict:
-        """The fields that define the run: a checkpoint resumes only a run with the same ones."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.BOOKKEEPING}
 
 
 def parse_stages(spec: str) -> list[tuple[int, int]]:
@@ -167,9 +202,8 @@ def vocabulary_fingerprint(shards) -> str:
 
 
 def build_trainer(cfg: PretrainConfig) -> Trainer:
-    device = setup_distributed()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    device = distributed.setup_distributed(cfg.dist_timeout)
+    rank, world_size = distributed.rank(), distributed.world_size()
     torch.manual_seed(cfg.seed)
     if rank == 0:
         shards = build_shards(cfg.corpus, cfg.tokenizer, vocab_size=cfg.vocab_size, progress=cfg.progress)
@@ -187,12 +221,8 @@ def build_trainer(cfg: PretrainConfig) -> Trainer:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.warmup_steps, cfg.steps))
-    settings = LoopSettings(steps=cfg.steps, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                            log_interval=cfg.log_interval, eval_interval=cfg.eval_interval,
-                            checkpoint_interval=cfg.checkpoint_interval, out_dir=cfg.out_dir,
-                            stop_after=cfg.stop_after, progress=cfg.progress)
     hooks = [Stacking(plan, cfg.optimizer_state)] if len(plan) > 1 else []
-    trainer = Trainer(model, optimizer, scheduler, batches, heldout_loss(shards, cfg, device), settings,
+    trainer = Trainer(model, optimizer, scheduler, batches, heldout_loss(shards, cfg, device), cfg,
                       hooks=hooks, run_config={**cfg.identity(), "vocabulary": vocabulary_fingerprint(shards)},
                       device=device)
     return trainer
@@ -200,13 +230,13 @@ def build_trainer(cfg: PretrainConfig) -> Trainer:
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or, with cfg.resume, continue) a pre-training run; returns the final step and training time."""
-    trainer = build_trainer(cfg)
-    if cfg.resume and trainer.checkpoint_path().exists():
-        trainer.resume()
-    elif cfg.resume:
-        raise FileNotFoundError(f"--resume given but {trainer.checkpoint_path()} does not exist")
-    started = time.time()
-    summary = trainer.run()
+    with claim_run_folder(cfg.out_dir, cfg.resume, cfg.overwrite) if distributed.is_main_process() \
+            else contextlib.nullcontext():
+        trainer = build_trainer(cfg)
+        if cfg.resume:
+            trainer.resume()
+        started = time.time()
+        summary = trainer.run()
     summary["wall_time"] = time.time() - started
     summary["model"] = trainer.model
     return summary

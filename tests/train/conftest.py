@@ -4,6 +4,7 @@ import secrets
 
 import numpy as np
 import pytest
+from tiny_runs import write_random_corpus
 
 from bertforge.train.tokenizer import load_tokenizer
 
@@ -18,3 +19,14 @@ def rng():
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels_and_cache(reference_kernels, tmp_path, monkeypatch):
+    """Training tests run on the plain-PyTorch ops, with a data cache of their own."""
+    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_random_corpus(tmp_path)

@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -11,47 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import final_parameters, tiny_config
 
+import bertforge.train.pretrain as pretrain_module
 from bertforge.model.growth import depth
-from bertforge.train import checkpoint as checkpoint_module
 from bertforge.train import corpus as corpus_module
+from bertforge.train import files as files_module
 from bertforge.train.checkpoint import CheckpointError, load_checkpoint
 from bertforge.train.cli import main as cli_main
-from bertforge.train.pretrain import PretrainConfig, parse_stages, pretrain
-
-WORDS = ("the market said on monday that prices rose as the company reported new results while officials "
-         "in the city planned more work for schools and hospitals after the long winter storm").split()
-
-
-@pytest.fixture(autouse=True)
-def _reference_kernels_and_cache(reference_kernels, tmp_path, monkeypatch):
-    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    """A small UTF-8 corpus: 60 documents of 6-12 random sentences, documents separated by blank lines."""
-    rng = random.Random()
-    documents = []
-    for _ in range(60):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
-                     for _ in range(rng.randint(6, 12))]
-        documents.append(" ".join(sentences))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(documents), encoding="utf-8")
-    return str(path)
-
-
-def tiny_config(corpus, out_dir, **overrides):
-    values = dict(corpus=corpus, hidden_size=32, num_heads=2, intermediate_size=64, max_seq_length=32,
-                  batch_size=4, stages="1:3,2:3", warmup_steps=2, lr=3e-3, eval_interval=2, eval_batches=2,
-                  log_interval=1, checkpoint_interval=100, out_dir=str(out_dir), progress=False)
-    values.update(overrides)
-    return PretrainConfig(**values)
-
-
-def final_parameters(summary):
-    return {k: v.detach().clone() for k, v in summary["model"].state_dict().items()}
+from bertforge.train.pretrain import parse_stages, pretrain
+from bertforge.train.text import CorpusError
 
 
 @pytest.mark.parametrize("stop_after", [3, 4], ids=["before-stacking", "after-stacking"])
@@ -113,16 +81,11 @@ def test_resume_with_a_changed_vocabulary_is_refused(corpus, tmp_path):
         pretrain(tiny_config(corpus, tmp_path / "run", tokenizer=str(vocab), resume=True))
 
 
-def test_resume_without_a_checkpoint_is_an_error(corpus, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        pretrain(tiny_config(corpus, tmp_path, resume=True))
-
-
 def test_missing_and_empty_corpus(tmp_path):
-    with pytest.raises(Exception, match="does not exist|not found|No such"):
+    with pytest.raises(CorpusError, match="corpus path does not exist: .*nothing.txt"):
         pretrain(tiny_config(str(tmp_path / "nothing.txt"), tmp_path / "out"))
     (tmp_path / "empty.txt").write_text("  \n\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="empty|no text"):
+    with pytest.raises(CorpusError, match="corpus is empty: empty.txt holds no text"):
         pretrain(tiny_config(str(tmp_path / "empty.txt"), tmp_path / "out"))
 
 
@@ -131,11 +94,10 @@ def test_disk_full_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch)
     path = tmp_path / "checkpoint.pt"
     good = path.read_bytes()
 
-    def full_disk(payload, f):
-        f.write(b"partial")
+    def full_disk(fd):  # the data did not all reach the disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    monkeypatch.setattr(files_module.os, "fsync", full_disk)
     with pytest.raises(CheckpointError, match="No space left.*previous checkpoint .* is intact"):
         pretrain(tiny_config(corpus, tmp_path, resume=True, stop_after=4))
     assert path.read_bytes() == good
@@ -145,7 +107,7 @@ def test_disk_full_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch)
 def test_cli_runs_and_rejects_bad_values(corpus, tmp_path, capsys):
     cli_main(["pretrain", "--corpus", corpus, "--hidden_size", "32", "--num_heads", "2", "--intermediate_size",
               "64", "--max_seq_length", "32", "--batch_size", "4", "--stages", "none", "--num_layers", "1",
-              "--steps", "2", "--eval_batches", "1", "--out_dir", str(tmp_path / "cli"), "--progress", "false"])
+              "--steps", "2", "--warmup_steps", "1", "--eval_batches", "1", "--out_dir", str(tmp_path / "cli"), "--progress", "false"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     with pytest.raises(SystemExit, match="does not double"):
         cli_main(["pretrain", "--stages", "3:10,5:10"])
@@ -155,6 +117,7 @@ def test_cli_runs_and_rejects_bad_values(corpus, tmp_path, capsys):
 
 DDP_SCRIPT = """
 import os, sys, torch
+from bertforge.train.text import CorpusError
 from bertforge.train.pretrain import PretrainConfig, pretrain
 cfg = PretrainConfig(**__import__("json").loads(sys.argv[1]))
 summary = pretrain(cfg)
@@ -184,3 +147,52 @@ def test_ddp_two_cpu_processes_stack_and_stay_in_sync(corpus, tmp_path):
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
     checkpoint = load_checkpoint(Path(cfg["out_dir"]) / "checkpoint.pt")
     assert len(checkpoint["per_rank"]) == 2 and checkpoint["step"] == 4
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the corpus is touched: validation must come before any work."""
+    def tokenize(*args, **kwargs):
+        raise AssertionError("the corpus was tokenized before the configuration was checked")
+
+    monkeypatch.setattr(pretrain_module, "build_shards", tokenize)
+
+
+def test_every_bad_value_is_reported_before_any_work(no_work, tmp_path):
+    flags = {"grad_clip": "-1", "eval_batches": "0", "lr": "0", "warmup_steps": "-5", "eval_interval": "-2",
+             "stop_after": "0", "hidden_size": "100", "num_heads": "3", "steps": "10", "num_layers": "3",
+             "checkpoint_interval": "-1", "dropout": "1.5"}
+    with pytest.raises(SystemExit) as error:
+        cli_main(["pretrain", "--out_dir", str(tmp_path)] + [x for k, v in flags.items() for x in (f"--{k}", v)])
+    lines = str(error.value.code).splitlines()
+    assert lines[0] == "bertforge: bad configuration:"
+    for expected in ["grad_clip must be >= 0", "eval_batches must be >= 1", "lr must be > 0",
+                     "warmup_steps must be >= 0", "eval_interval must be >= 0", "stop_after must be >= 1",
+                     "num_layers = 3 contradicts the stage plan", "steps = 10 contradicts the stage plan",
+                     "checkpoint_interval must be >= 1"]:
+        assert sum(expected in line for line in lines) == 1, f"no line says {expected!r}: {lines}"
+    without_plan = ["pretrain", "--stages", "none", "--hidden_size", "100", "--num_heads", "3"]
+    with pytest.raises(SystemExit, match="hidden_size \\(100\\) must be a multiple of num_attention_heads"):
+        cli_main(without_plan)
+    with pytest.raises(SystemExit, match="dropout_prob must be in \\[0, 1\\), got 1.5"):
+        cli_main(["pretrain", "--dropout", "1.5"])
+
+
+def test_json_config_values_are_type_checked(no_work, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"resume": "false", "steps": 5.5, "lr": "1e-3", "stages": None, "bogus": 1}))
+    with pytest.raises(SystemExit) as error:
+        cli_main(["pretrain", "--config", str(path)])
+    message = str(error.value.code)
+    for expected in ['resume must be bool, got "false"', "steps must be int or null, got 5.5",
+                     'lr must be float, got "1e-3"', "unknown field 'bogus'"]:
+        assert expected in message, message
+    assert "stages" not in message  # null is a valid stage plan (none)
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match=f"cannot read config file {path}"):
+        cli_main(["pretrain", "--config", str(path)])
+
+
+def test_a_run_that_would_use_no_plan_steps_trains_what_it_says(corpus, tmp_path):
+    summary = pretrain(tiny_config(corpus, tmp_path, stages=None, num_layers=2, steps=3))
+    assert summary["step"] == 3 and depth(summary["model"]) == 2
