@@ -45,6 +45,15 @@ def mask_from_lengths(lengths, seqlen):
     return torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]
 
 
+def one_past_a_block(dtype, head_dim):
+    """Lengths one past a whole number of blocks, for every block size a shipped config of this dtype and head_dim
+    loops over (forward and dQ: key blocks, dK/dV: query blocks): the last block then holds a single row, which a
+    loop stopping one block early would drop. (At length 1 that cannot show: the exact dQ is zero.)"""
+    loops = [(FWD_CONFIGS, "BLOCK_N"), (DQ_CONFIGS, "BLOCK_N"), (DKDV_CONFIGS, "BLOCK_M")]
+    blocks = {c.kwargs[size] for table, size in loops for c in shipped_configs(table, head_dim, dtype.itemsize)}
+    return sorted((block + 1 for block in blocks), reverse=True)
+
+
 def check_against_oracle(q, k, v, out, key_padding_mask=None, keep=None, dropout_p=0.0, rows=None):
     """Backprop a random dO through both and compare out, dq, dk, dv by relative error norm.
 
@@ -203,9 +212,11 @@ def test_every_dq_config(dtype, head_dim, index):
 
 
 def _run_with_configs(dtype, head_dim, fwd=None, dkdv=None, dq=None):
-    """Run explicit configs (the autotuner picks among them on a GPU) with a mask, dropout and ragged edges."""
-    batch, heads, seqlen, p = 2, 2, 77, 0.25
-    mask = mask_from_lengths([77, 40], seqlen)
+    """Run explicit configs (the autotuner picks among them on a GPU) with a mask, dropout and lengths one past
+    a block."""
+    lengths, heads, p = one_past_a_block(dtype, head_dim), 2, 0.25
+    batch, seqlen = len(lengths), max(lengths)
+    mask = mask_from_lengths(lengths, seqlen)
     q, k, v = (t.detach() for t in random_qkv((batch, heads, seqlen, head_dim), dtype))
     seed = draw_dropout_seed()
     problem = AttentionProblem(q, mask, None, False, batch, heads, seqlen, head_dim, p, None, seed)
@@ -241,6 +252,43 @@ def test_dropout_matches_float64_with_the_same_mask(dtype, fresh_seed):
     with poison_outputs():
         out = attention(q, k, v, key_padding_mask=mask, dropout_p=p)
         check_against_oracle(q, k, v, out, key_padding_mask=mask, keep=keep, dropout_p=p)
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 16), (torch.float32, 16), (torch.float16, 80)],
+                         ids=["fp16-d16", "fp32-d16", "fp16-d80"])
+def test_backward_with_dropout_at_lengths_one_past_a_block(layout, dtype, head_dim, fresh_seed):
+    """Gradients with dropout against float64 with the kernels' own mask, through the autotuned path (the config
+    the interpreter picks), at lengths one past a block: a last key block skipped by dQ, or a backward that
+    regenerates another mask than the forward's (say, only with varlen offsets), fails here."""
+    lengths, heads, p = one_past_a_block(dtype, head_dim) + [1], 2, 0.3
+    batch, max_seqlen = len(lengths), max(lengths)
+    mask = mask_from_lengths(lengths, max_seqlen)
+    padded = [torch.randn(batch, heads, max_seqlen, head_dim, dtype=dtype) for _ in range(3)]
+    if layout == "padded":
+        inputs, layout_args = padded, dict(key_padding_mask=mask)
+        to_layout = to_padded = lambda t: t  # noqa: E731
+    else:
+        cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        inputs = [padded_to_varlen(t, mask) for t in padded]
+        layout_args = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        to_layout = lambda t: padded_to_varlen(t, mask)  # noqa: E731
+        to_padded = lambda t: varlen_to_padded(t, cu_seqlens, max_seqlen)[0]  # noqa: E731
+    q, k, v = (t.requires_grad_() for t in inputs)
+    torch.manual_seed(fresh_seed)
+    keep = dropout_keep_mask(batch, heads, max_seqlen, p, draw_dropout_seed(), q.device)
+    torch.manual_seed(fresh_seed)  # attention draws the same seed
+    with poison_outputs():
+        out = attention(q, k, v, dropout_p=p, **layout_args)
+        d_out = torch.randn_like(out)
+        out.backward(d_out)
+
+    leaves = [t.detach().double().requires_grad_() for t in padded]
+    expected = attention_math(*leaves, key_padding_mask=mask, keep=keep, dropout_p=p)
+    expected.backward(to_padded(d_out.double()))  # zero at the padding rows varlen does not have
+    assert_close_rel(out.detach(), to_layout(expected.detach()), dtype, "out")
+    for got, leaf, name in zip((q.grad, k.grad, v.grad), leaves, "qkv"):
+        assert_close_rel(got, to_layout(leaf.grad), dtype, f"d{name}")
 
 
 def test_dropout_varlen_uses_the_padded_mask_positions(fresh_seed):
