@@ -5,6 +5,8 @@ import functools
 import torch
 
 from bertforge.train.corpus import minilm_checkpoint, news_articles
+from bertforge.train.mlm import mask_tokens
+from bertforge.train.tokenizer import Vocab
 
 
 @functools.lru_cache(maxsize=1)
@@ -25,8 +27,8 @@ def news_mlm_batch(batch_size=32, max_length=128, mask_fraction=0.15, seed=0):
     Lengths come from the corpus: `batch_size` paragraphs (the newline-separated parts of each article in
     `news_articles()`: titles, subtitles, bodies) are drawn uniformly at random with `seed`, tokenized to
     [CLS] ... [SEP] with the MiniLM tokenizer.json, truncated to `max_length`, and padded to the longest.
-    BERT masking: `mask_fraction` of the real, non-special tokens get a label; of those 80% become [MASK],
-    10% a random token, 10% stay. Labels are -100 everywhere else.
+    Masked as in pre-training (bertforge.train.mlm.mask_tokens): round(mask_fraction * n) of each row's n real,
+    non-special tokens get a label; of those 80% become [MASK], 10% a random token, 10% stay; IGNORE_INDEX elsewhere.
     """
     gen = torch.Generator().manual_seed(seed)
     paragraphs = _paragraphs()
@@ -35,21 +37,11 @@ def news_mlm_batch(batch_size=32, max_length=128, mask_fraction=0.15, seed=0):
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)
     encodings = tokenizer.encode_batch([paragraphs[i] for i in chosen])
-    seqlen = max(len(e.ids) for e in encodings)
-    input_ids = torch.zeros(batch_size, seqlen, dtype=torch.long)  # [PAD] is 0
-    special = torch.ones(batch_size, seqlen, dtype=torch.bool)
+    lengths = torch.tensor([len(e.ids) for e in encodings])
+    input_ids = torch.zeros(batch_size, int(lengths.max()), dtype=torch.long)  # [PAD] is 0
     for row, e in enumerate(encodings):
         input_ids[row, : len(e.ids)] = torch.tensor(e.ids)
-        special[row, : len(e.ids)] = torch.tensor(e.special_tokens_mask, dtype=torch.bool)
-    attention_mask = (torch.arange(seqlen)[None, :] < torch.tensor([len(e.ids) for e in encodings])[:, None]).long()
-
-    labelled = (torch.rand(input_ids.shape, generator=gen) < mask_fraction) & ~special
-    labels = torch.where(labelled, input_ids, torch.full_like(input_ids, -100))
-    action = torch.rand(input_ids.shape, generator=gen)
-    vocab_size = tokenizer.get_vocab_size()
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=gen)
-    masked_ids = torch.where(action < 0.8, torch.full_like(input_ids, tokenizer.token_to_id("[MASK]")),
-                             torch.where(action < 0.9, random_ids, input_ids))
-    input_ids = torch.where(labelled, masked_ids, input_ids)
+    attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+    input_ids, labels = mask_tokens(input_ids, Vocab.from_tokenizer(tokenizer), gen, mask_fraction)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "token_type_ids": torch.zeros_like(input_ids), "labels": labels}

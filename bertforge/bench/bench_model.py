@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from bertforge.bench._data import news_mlm_batch
-from bertforge.model import BertConfig, BertForMaskedLM
+from bertforge.model import IGNORE_INDEX, BertConfig, BertForMaskedLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -83,7 +83,7 @@ def test_mlm_train_step(benchmark, case, batch, weights_dir):
     mask = batch["attention_mask"]
     benchmark.group = GROUP
     benchmark.extra_info.update(provider=case, threads=torch.get_num_threads(), batch_shape=list(mask.shape),
-                                real_tokens=int(mask.sum()), labelled_tokens=int((batch["labels"] != -100).sum()))
+                                real_tokens=int(mask.sum()), labelled_tokens=int((batch["labels"] != IGNORE_INDEX).sum()))
     warmup = 2 if case.endswith("-compile") else 1  # the first steps compile and allocate AdamW state
     loss = benchmark.pedantic(train_step, args=(model, optimizer, batch), rounds=ROUNDS, warmup_rounds=warmup)
     assert torch.isfinite(loss)

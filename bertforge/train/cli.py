@@ -14,6 +14,7 @@ import types
 import typing
 
 from .checkpoint import CheckpointError
+from .distributed import RankTimeout
 from .pretrain import PretrainConfig, pretrain
 from .run_folder import RunFolderError
 from .text import CorpusError
@@ -99,7 +100,7 @@ def config_from_args(config_class, args: argparse.Namespace):
 
 
 # A user's mistake or a run that cannot go on: one line, no traceback.
-USER_ERRORS = (CorpusError, CheckpointError, RunFolderError, FloatingPointError, FileNotFoundError)
+USER_ERRORS = (CorpusError, CheckpointError, RunFolderError, FloatingPointError, FileNotFoundError, RankTimeout)
 
 
 def main(argv=None):

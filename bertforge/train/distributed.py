@@ -1,10 +1,15 @@
 """The one place that knows the process's rank and the world size, and starts torch.distributed under torchrun."""
 
+import contextlib
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+
+class RankTimeout(RuntimeError):
+    """A collective waited longer than the process-group timeout: another rank is stopped, hung or dead."""
 
 
 def rank() -> int:
@@ -35,3 +40,15 @@ def setup_distributed(timeout_s: float = 600.0) -> torch.device:
 def is_main_process() -> bool:
     """Rank 0, known from torchrun's environment even before torch.distributed starts."""
     return rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def timeouts_explained(timeout_s: float, where: str):
+    """Turn a backend's timeout error (gloo: "Timed out waiting ...", NCCL: "... timed out ...") into RankTimeout."""
+    try:
+        yield
+    except RuntimeError as error:
+        if world_size() > 1 and "timed out" in str(error).lower():
+            raise RankTimeout(f"rank {rank()}: {where}: waited more than {timeout_s:g} s for another rank (stopped, "
+                              f"hung or dead); see that rank's output ({error})") from error
+        raise

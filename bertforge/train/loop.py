@@ -151,7 +151,8 @@ class Trainer:
                         if hasattr(hook, "on_step_start"):
                             hook.on_step_start(self)
                     started = time.perf_counter()
-                    loss, tokens, applied, stop = self._optimizer_step()
+                    with distributed.timeouts_explained(s.dist_timeout, f"step {self.step + 1}"):
+                        loss, tokens, applied, stop = self._optimizer_step()
                     self.train_time += time.perf_counter() - started
                     self.step += 1
                     bar.update(1)
@@ -181,8 +182,7 @@ class Trainer:
         accum = self.settings.grad_accum
         for micro in range(accum):
             cpu_batch = next(self.batches)
-            # Counted on the CPU copy: counting on the device would sync every micro-batch.
-            tokens += int(cpu_batch["attention_mask"].sum()) if "attention_mask" in cpu_batch else cpu_batch["input_ids"].numel()
+            tokens += count_tokens(cpu_batch)
             batch = {k: self._to_device(v) for k, v in cpu_batch.items()}
             sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
@@ -332,6 +332,13 @@ class Trainer:
         self.step, self.train_time = checkpoint["step"], checkpoint["train_time"]
         self.skipped_steps, self._saved_step = checkpoint["skipped_steps"], checkpoint["step"]
         return checkpoint
+
+
+def count_tokens(cpu_batch) -> int:
+    """Real tokens of a batch, counted on its CPU copy: counting on the device would sync every micro-batch."""
+    if "attention_mask" in cpu_batch:
+        return int(cpu_batch["attention_mask"].sum())
+    return cpu_batch["input_ids"].numel()
 
 
 def _tensorboard_writer(folder):

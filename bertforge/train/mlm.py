@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from bertforge.model.bert import IGNORE_INDEX
+from bertforge.model import IGNORE_INDEX, TokenPacking, mlm_label_positions
 from bertforge.train.shards import TokenShards
 from bertforge.train.tokenizer import Vocab
 
@@ -107,10 +107,13 @@ def _collate(shards: TokenShards, rows: np.ndarray, max_seq_length: int,
     return torch.from_numpy(ids), torch.from_numpy(types), torch.from_numpy(lengths)
 
 
-def _batch(input_ids, token_type_ids, lengths, labels) -> dict[str, torch.Tensor]:
+def _batch(input_ids, token_type_ids, lengths, labels) -> dict:
+    """The model's inputs, with the index tensors that the model would otherwise compute on the device (a host
+    sync on a GPU) built here on the CPU: the packing of the real tokens and the labelled positions."""
     attention_mask = torch.arange(input_ids.shape[1]) < lengths[:, None]
     return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
-            "labels": labels}
+            "labels": labels, "packing": TokenPacking.from_attention_mask(attention_mask),
+            "label_positions": mlm_label_positions(labels)}
 
 
 class MLMBatches:

@@ -184,13 +184,12 @@ def heldout_loss(shards, cfg: PretrainConfig, device):
                                         max_batches=cfg.eval_batches))
 
     def evaluate(model):
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=device), 0
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            n = int((batch["labels"] != -100).sum())
-            total += model(**batch).loss.float().item() * n
+            n = len(batch["label_positions"])  # counted on the CPU: no device read per batch
+            total += model(**{k: v.to(device) for k, v in batch.items()}).loss.float() * n
             count += n
-        return {"heldout_loss": total / max(count, 1)}
+        return {"heldout_loss": total.item() / max(count, 1)}
 
     return evaluate
 

@@ -2,14 +2,11 @@
 checks against the mask and labels, moving between devices, and no device-to-host sync from the model's code."""
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from bert_inputs import mlm_labels, ragged_batch, random_lengths, tiny_config
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from host_syncs import SyncRecorder, as_on_a_gpu
 
 import bertforge.model
 from bertforge.model import (
@@ -149,34 +146,8 @@ def test_pin_memory_then_async_copy():
     assert torch.equal(on_device.cu_seqlens.cpu(), packing.cu_seqlens)
 
 
-# Calls that make the host wait for the device when their tensor is on a GPU.
-SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
-           "argwhere", "masked_select"}
-PACKAGE = Path(bertforge.model.__file__).parent.parent
 # The model's code, and the padding helpers it calls to find and place real tokens (unpad is what reads the mask).
-WATCHED = (PACKAGE / "model", PACKAGE / "kernels" / "padding.py")
-
-
-class SyncRecorder(TorchFunctionMode):
-    """Records syncing calls whose innermost bertforge frame is in WATCHED: (function, file, line)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        bool_mask_index = name == "__getitem__" and any(
-            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_leaves(args[1:]))
-        if name in SYNCING or bool_mask_index:
-            frame = sys._getframe(1)
-            while frame is not None and PACKAGE not in Path(frame.f_code.co_filename).parents:
-                frame = frame.f_back
-            if frame is not None:
-                path = Path(frame.f_code.co_filename)
-                if any(path == watched or watched in path.parents for watched in WATCHED):
-                    self.calls.append((name, path.relative_to(PACKAGE).as_posix(), frame.f_lineno))
-        return func(*args, **(kwargs or {}))
+WATCHED = ("model", "kernels/padding.py")
 
 
 def test_training_step_with_host_built_indices_never_syncs_from_model_code(monkeypatch):
@@ -187,15 +158,13 @@ def test_training_step_with_host_built_indices_never_syncs_from_model_code(monke
     labels = mlm_labels(ids, mask, model.config.vocab_size)
     batch = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
     host_built = dict(packing=TokenPacking.from_attention_mask(mask), label_positions=mlm_label_positions(labels))
-    for module in [m for name, m in sys.modules.items() if name.startswith("bertforge.model")]:
-        if hasattr(module, "checks_values"):
-            monkeypatch.setattr(module, "checks_values", lambda t: False)  # as for CUDA tensors
+    as_on_a_gpu(monkeypatch)
 
-    with SyncRecorder() as without_indices:  # the recorder sees the syncs of computing the indices here
+    with SyncRecorder(WATCHED) as without_indices:  # the recorder sees the syncs of computing the indices here
         model(**batch).loss.backward()
     assert {name for name, _, _ in without_indices.calls} >= {"nonzero", "__int__"}, without_indices.calls
 
-    with SyncRecorder() as with_indices:
+    with SyncRecorder(WATCHED) as with_indices:
         model(**batch, **host_built).loss.backward()
     assert with_indices.calls == []
 

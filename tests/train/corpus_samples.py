@@ -43,4 +43,10 @@ def original_ids(batch) -> torch.Tensor:
 
 
 def batches_equal(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    """Same keys and values; the packing is compared field by field."""
+    def fields(batch):
+        packing = batch["packing"]
+        return {**batch, "packing": packing.indices, "cu_seqlens": packing.cu_seqlens,
+                "max_seqlen": torch.tensor(packing.max_seqlen)}
+
+    return a.keys() == b.keys() and all(torch.equal(fields(a)[k], fields(b)[k]) for k in fields(a))

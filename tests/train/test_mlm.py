@@ -222,3 +222,12 @@ def test_heldout_batches_are_the_same_at_every_call_and_batch_size(tmp_path, rng
     assert len(list(heldout_batches(shards, 2, 64, max_batches=1))) == 1
     masked = sum(sum(label != IGNORE_INDEX for label in labels) for _, labels, _ in reference)
     assert masked > 0
+
+
+def test_batches_carry_the_packing_and_labelled_positions_of_their_own_mask_and_labels(tmp_path, rng):
+    """Built on the CPU so that the model does not compute them on the device (a host sync each)."""
+    shards = small_shards(tmp_path, rng)
+    for batch in [next(MLMBatches(shards, 8, 64)), next(heldout_batches(shards, batch_size=8, max_seq_length=64))]:
+        batch["packing"].check_matches(batch["attention_mask"])
+        labelled = (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        assert torch.equal(batch["label_positions"], labelled)

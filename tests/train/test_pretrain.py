@@ -196,3 +196,44 @@ def test_json_config_values_are_type_checked(no_work, tmp_path):
 def test_a_run_that_would_use_no_plan_steps_trains_what_it_says(corpus, tmp_path):
     summary = pretrain(tiny_config(corpus, tmp_path, stages=None, num_layers=2, steps=3))
     assert summary["step"] == 3 and depth(summary["model"]) == 2
+
+
+HANGING_RANK_SCRIPT = """
+import sys, time
+import bertforge.train.pretrain as pretrain_module
+from bertforge.train.cli import main
+
+class Hang:  # rank 1 stops answering at step 3
+    def on_step_start(self, trainer):
+        if trainer.rank == 1 and trainer.step == 2:
+            time.sleep(600)
+
+build = pretrain_module.build_trainer
+pretrain_module.build_trainer = lambda cfg: (lambda t: (t.hooks.append(Hang()), t)[1])(build(cfg))
+main(["pretrain", "--config", sys.argv[1]])
+"""
+
+
+def test_a_hung_rank_fails_the_job_after_the_timeout(corpus, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(dict(
+        corpus=corpus, hidden_size=32, num_heads=2, intermediate_size=64, max_seq_length=32, batch_size=2,
+        stages=None, num_layers=1, steps=6, eval_interval=0, out_dir=str(tmp_path / "ddp"), progress=False,
+        dist_timeout=5)))
+    env = {**os.environ, "BERTFORGE_KERNELS": "reference", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    ranks = [subprocess.Popen([sys.executable, "-c", HANGING_RANK_SCRIPT, str(config)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        _, errors = ranks[0].communicate(timeout=120)  # without a timeout rank 0 would wait for ever
+    finally:
+        for process in ranks:
+            process.kill()
+    assert ranks[0].returncode == 1
+    assert "bertforge pretrain: rank 0: step 3: waited more than 5 s for another rank" in errors.splitlines()[-1]
