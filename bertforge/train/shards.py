@@ -5,7 +5,8 @@ tokens, uint16 when the vocabulary fits, else int32), `sentences.npy` (token off
 `documents.npy` (sentence offset of each document, plus the end), `heldout.npy` (held-out document ids),
 `tokenizer.json` and `meta.json`. The fingerprint covers the source (paths, sizes, mtimes), the tokenizer, the
 splitting rules and the held-out settings: a changed input builds new shards, an unchanged one reuses them.
-Sequence length is not part of it: packing happens when the data is opened, so one build serves every length.
+meta.json records each file's sha256, checked whenever the shards are opened, so a corrupted or edited cache is
+refused by name instead of training on other tokens. Sequence length is not part of it: packing happens when the data is opened, so one build serves every length.
 """
 
 import hashlib
@@ -27,6 +28,7 @@ from tokenizers import __version__ as tokenizers_version
 from tqdm.auto import tqdm
 
 from bertforge.train import corpus
+from bertforge.train.files import fsync_dir, write_synced
 from bertforge.train.text import (
     BLANK_LINES,
     SENTENCE_END,
@@ -42,7 +44,8 @@ from bertforge.train.tokenizer import (
     train_tokenizer,
 )
 
-FORMAT_VERSION = 1  # bump when the shard layout changes: old caches are then ignored
+SHARD_FILES = ("tokens.bin", "sentences.npy", "documents.npy", "heldout.npy", "tokenizer.json")
+FORMAT_VERSION = 2  # bump when the shard layout changes: old caches are then ignored
 
 
 class TokenShards:
@@ -50,13 +53,20 @@ class TokenShards:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self.meta = json.loads((self.folder / "meta.json").read_text())
-        self.tokens = np.memmap(self.folder / "tokens.bin", dtype=self.meta["dtype"], mode="r")
-        self.sentence_offsets = np.load(self.folder / "sentences.npy", mmap_mode="r")
-        self.document_offsets = np.load(self.folder / "documents.npy", mmap_mode="r")
-        self.heldout_documents = np.load(self.folder / "heldout.npy")
-        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        self.vocab = Vocab.from_tokenizer(self.tokenizer)
+        try:
+            self.meta = json.loads((self.folder / "meta.json").read_text())
+            for name, digest in self.meta["sha256"].items():  # a changed byte would silently change training
+                if _sha256(self.folder / name) != digest:
+                    raise ValueError(f"{name} does not match the sha256 recorded when it was built")
+            self.tokens = np.memmap(self.folder / "tokens.bin", dtype=self.meta["dtype"], mode="r")
+            self.sentence_offsets = np.load(self.folder / "sentences.npy", mmap_mode="r")
+            self.document_offsets = np.load(self.folder / "documents.npy", mmap_mode="r")
+            self.heldout_documents = np.load(self.folder / "heldout.npy")
+            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            self.vocab = Vocab.from_tokenizer(self.tokenizer)
+        except Exception as error:  # json, numpy and tokenizers each raise their own kinds
+            raise CorpusError(f"shard cache {self.folder} is corrupt ({error}); delete the folder and it will be "
+                              "rebuilt") from None
 
     @property
     def num_documents(self) -> int:
@@ -90,11 +100,12 @@ def _fingerprint(files: list[Path] | None, tokenizer: Tokenizer | int, settings:
     return h.hexdigest()
 
 
-def _fsync_write(path: Path, write) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _heldout_documents(hashes: np.ndarray, fraction: float, min_docs: int) -> np.ndarray:
@@ -141,10 +152,10 @@ def _write_shards(folder: Path, documents: Iterable[str], tokenizer: Tokenizer, 
     sentences = np.concatenate([[0], np.frombuffer(sentence_ends, dtype=np.int64)])
     documents = np.concatenate([[0], np.frombuffer(document_ends, dtype=np.int64)])
     heldout = _heldout_documents(np.frombuffer(hashes, dtype=np.uint64), heldout_fraction, min_heldout_docs)
-    _fsync_write(folder / "sentences.npy", lambda f: np.save(f, sentences))
-    _fsync_write(folder / "documents.npy", lambda f: np.save(f, documents))
-    _fsync_write(folder / "heldout.npy", lambda f: np.save(f, heldout))
-    _fsync_write(folder / "tokenizer.json", lambda f: f.write(tokenizer.to_str().encode()))
+    write_synced(folder / "sentences.npy", lambda f: np.save(f, sentences))
+    write_synced(folder / "documents.npy", lambda f: np.save(f, documents))
+    write_synced(folder / "heldout.npy", lambda f: np.save(f, heldout))
+    write_synced(folder / "tokenizer.json", lambda f: f.write(tokenizer.to_str().encode()))
     return {"format": FORMAT_VERSION, "name": name, "dtype": dtype.name, "vocab_size": vocab.size,
             "num_tokens": num_tokens, "num_sentences": len(sentences) - 1, "num_documents": len(documents) - 1,
             "num_heldout_documents": len(heldout), "heldout_tokens": int(sum(
@@ -187,9 +198,11 @@ def build_shards(source: str | os.PathLike | None = None, tokenizer: str | os.Pa
                     tokenizer=(f"WordPiece of {vocab_size} learned from the corpus" if vocab_size is not None
                               else str(tokenizer) if tokenizer is not None else "MiniLM (bert-base-uncased)"),
                     **settings)
-        _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        meta["sha256"] = {name: _sha256(tmp / name) for name in SHARD_FILES}
+        write_synced(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         try:
             os.rename(tmp, target)
+            fsync_dir(root)
         except OSError:
             if not (target / "meta.json").exists():  # otherwise another process won the race: use its build
                 raise

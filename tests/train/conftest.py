@@ -21,10 +21,16 @@ def tokenizer():
     return load_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bertforge-cache")
+
+
 @pytest.fixture(autouse=True)
-def _reference_kernels_and_cache(reference_kernels, tmp_path, monkeypatch):
-    """Training tests run on the plain-PyTorch ops, with a data cache of their own."""
-    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
+def _reference_kernels_and_cache(reference_kernels, session_cache, monkeypatch):
+    """Training tests run on the plain-PyTorch ops, with a data cache of the session's own (shards are keyed by
+    their corpus and settings, so sharing it between tests is safe)."""
+    monkeypatch.setenv("BERTFORGE_CACHE", str(session_cache))
 
 
 @pytest.fixture

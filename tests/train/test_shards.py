@@ -11,7 +11,7 @@ import bertforge.train.shards
 from bertforge.train import corpus
 from bertforge.train.mlm import MLMBatches
 from bertforge.train.shards import build_shards
-from bertforge.train.text import split_sentences
+from bertforge.train.text import CorpusError, split_sentences
 
 
 def test_shards_hold_every_sentence_tokenized(tmp_path, rng, tokenizer):
@@ -102,3 +102,19 @@ def test_default_news_corpus_builds_into_shards(tmp_path):
     assert 38 <= len(shards.documents("heldout")) <= 80
     assert len(MLMBatches(shards, 32, 128).sequences) > 20000
     assert build_shards(cache_dir=tmp_path, progress=False).folder == shards.folder
+
+
+@pytest.mark.parametrize("damage", ["swap two token ids", "truncate the offsets"])
+def test_a_damaged_shard_cache_is_refused_by_name(tmp_path, rng, damage):
+    write_corpus(tmp_path / "c.txt", [as_text(random_document(rng)) for _ in range(20)])
+    shards = build_shards(tmp_path / "c.txt", cache_dir=tmp_path / "cache", progress=False)
+    if damage == "swap two token ids":  # same size, same dtype: only the recorded checksum can tell
+        tokens = np.fromfile(shards.folder / "tokens.bin", dtype=shards.tokens.dtype)
+        i, j = np.flatnonzero(tokens != tokens[0])[0], 0
+        tokens[[i, j]] = tokens[[j, i]]
+        tokens.tofile(shards.folder / "tokens.bin")
+    else:
+        data = (shards.folder / "sentences.npy").read_bytes()
+        (shards.folder / "sentences.npy").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CorpusError, match=f"shard cache {shards.folder} is corrupt .*delete the folder"):
+        build_shards(tmp_path / "c.txt", cache_dir=tmp_path / "cache", progress=False)
