@@ -23,7 +23,11 @@ def _check_float(name, t, dtypes=FLOAT_DTYPES):
 
 def check_attention_inputs(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                            allowed_dtypes=FLOAT_DTYPES):
-    """Validate an attention call; return (is_varlen, batch, heads, seqlen_or_max_seqlen, head_dim)."""
+    """Validate an attention call; return (is_varlen, batch, heads, seqlen_or_max_seqlen, head_dim).
+
+    cu_seqlens' values (and max_seqlen against them) are checked only where `checks_values` allows: on a GPU
+    without BERTFORGE_DEBUG=1, max_seqlen must be given and is trusted (too small a value gives wrong results).
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t, allowed_dtypes)
     if not (q.dtype == k.dtype == v.dtype):
@@ -72,6 +76,11 @@ def check_attention_inputs(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dr
     batch = cu_seqlens.numel() - 1
     if torch.compiler.is_compiling():  # value checks would sync and break the graph
         return True, batch, heads, int(max_seqlen) if max_seqlen is not None else total, head_dim
+    if not checks_values(cu_seqlens):  # a device tensor: reading it would wait for the GPU once per call
+        if max_seqlen is None:
+            raise ValueError("max_seqlen must be given with cu_seqlens on a GPU: computing it reads cu_seqlens "
+                             "(a host sync); pass the longest sequence's length, or set BERTFORGE_DEBUG=1")
+        return True, batch, heads, int(max_seqlen), head_dim  # trusted: BERTFORGE_DEBUG=1 checks it
     offsets = cu_seqlens.cpu()
     lengths = offsets[1:] - offsets[:-1]
     if offsets[0] != 0:

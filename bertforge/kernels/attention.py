@@ -444,7 +444,9 @@ def attention(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
     """Bidirectional softmax(q k^T * scale) v with padding masks or packed sequences; differentiable.
 
     Padded: q, k, v (batch, heads, seq, head_dim), key_padding_mask (batch, seq) bool, True = real token.
-    Packed: q, k, v (total_tokens, heads, head_dim), cu_seqlens (batch+1,) int32 offsets (FlashAttention varlen).
+    Packed: q, k, v (total_tokens, heads, head_dim), cu_seqlens (batch+1,) int32 offsets (FlashAttention varlen),
+    max_seqlen >= the longest sequence: on a GPU it must be given and is trusted, as cu_seqlens is checked only on
+    the CPU or with BERTFORGE_DEBUG=1 (reading a device tensor's values waits for the GPU).
     head_dim in 16..128 (multiple of 16); fp16, bf16 or fp32 (tf32 dots on GPU). Dropout seeds come from torch's RNG.
     """
     is_varlen, batch, heads, max_len, head_dim = check_attention_inputs(

@@ -1,15 +1,18 @@
 """Triton attention under the interpreter against a float64 oracle: forward, dQ/dK/dV, masks, varlen, dropout."""
 
+import importlib
 import math
 
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
+from triton.runtime.interpreter import InterpretedFunction
 
-from bertforge.kernels import attention, reference
+from bertforge.kernels import _validate, attention, checks_values, reference
 from bertforge.kernels._triton import poison_outputs
-from bertforge.kernels._validate import HEAD_DIMS
+from bertforge.kernels._validate import HEAD_DIMS, check_attention_inputs
 from bertforge.kernels.attention import (
     DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, AttentionProblem, attention_backward, attention_forward, draw_dropout_seed,
     shipped_configs,
@@ -17,6 +20,9 @@ from bertforge.kernels.attention import (
 from bertforge.kernels.padding import padded_to_varlen, varlen_to_padded
 from tests.conftest import assert_close_rel
 from tests.kernels.dropout_mask import dropout_keep_mask
+
+# The package re-exports the function under the module's name; fetch the module for monkeypatching.
+attention_module = importlib.import_module("bertforge.kernels.attention")
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -403,3 +409,78 @@ def test_bad_input_raises_a_clear_error(kwargs_fn, error, message):
     q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
     with pytest.raises(error, match=message):
         attention(q, k, v, **kwargs)
+
+
+# --- host syncs: on a GPU, every read of a tensor's values from Python makes the host wait for the device --------
+
+HOST_READS = {"cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+
+
+class HostReadRecorder(TorchFunctionMode):
+    """Records calls that read tensor values on the host (torch.nonzero and Tensor.nonzero alike), and which
+    kernels were launched. Triton's launcher is left out: under the interpreter it copies every argument to the
+    host, on a GPU it reads none."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads, self.launches, self._launching = [], [], False
+        run = InterpretedFunction.run
+
+        def launch(kernel, *args, **kwargs):
+            self.launches.append(kernel.__name__)
+            self._launching = True
+            try:
+                return run(kernel, *args, **kwargs)
+            finally:
+                self._launching = False
+
+        monkeypatch.setattr(InterpretedFunction, "run", launch)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS and not self._launching:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def packed_qkv(lengths, heads=2, head_dim=16):
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    return cu_seqlens, [torch.randn(sum(lengths), heads, head_dim).requires_grad_() for _ in range(3)]
+
+
+def test_varlen_attention_on_a_gpu_reads_no_tensor_values(monkeypatch):
+    """Forward and backward of a varlen call with dropout, as on a GPU without BERTFORGE_DEBUG=1, read no tensor
+    value on the host: the cu_seqlens checks alone cost one sync per layer per micro-batch."""
+    lengths = [17, 1, 5]
+    cu_seqlens, (q, k, v) = packed_qkv(lengths)
+    recorder = HostReadRecorder(monkeypatch)
+    with recorder:  # the recorder sees the checks' reads of a CPU cu_seqlens
+        check_attention_inputs(q, k, v, None, cu_seqlens, None, 0.1, None)
+    assert "cpu" in recorder.reads
+
+    recorder.reads.clear()
+    monkeypatch.setattr(_validate, "checks_values", lambda t: False)  # what it says for CUDA tensors
+    # The seed comes from torch's CPU generator: its .item() waits for no device.
+    monkeypatch.setattr(attention_module, "draw_dropout_seed", lambda: 12345)
+    with recorder:
+        out = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max(lengths), dropout_p=0.1)
+        # The backward as autograd calls it: under Tensor.backward() a TorchFunctionMode sees nothing.
+        grads = out.grad_fn.apply(torch.ones_like(out))
+    assert recorder.launches == ["_attention_fwd_kernel", "_attention_bwd_delta_kernel",
+                                 "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"]
+    assert all(torch.isfinite(g).all() for g in grads[:3])
+    assert recorder.reads == []
+
+
+def test_varlen_attention_on_a_gpu_needs_max_seqlen(monkeypatch):
+    cu_seqlens, (q, k, v) = packed_qkv([3, 4])
+    monkeypatch.setattr(_validate, "checks_values", lambda t: False)
+    with pytest.raises(ValueError, match="max_seqlen must be given with cu_seqlens on a GPU"):
+        attention(q, k, v, cu_seqlens=cu_seqlens)
+
+
+def test_values_are_checked_on_device_tensors_only_with_bertforge_debug(monkeypatch):
+    on_device = torch.empty(2, device="meta")  # any tensor not on the CPU
+    monkeypatch.delenv("BERTFORGE_DEBUG", raising=False)
+    assert checks_values(torch.empty(2)) and not checks_values(on_device)
+    monkeypatch.setenv("BERTFORGE_DEBUG", "1")
+    assert checks_values(on_device)
