@@ -6,6 +6,7 @@ their intervals. Counted on the CPU by recording the syncing calls that bertforg
 code path (value checks off, as for CUDA tensors); the collator's CPU work is outside it by design.
 """
 
+import torch
 from host_syncs import SyncRecorder, as_on_a_gpu
 from tiny_runs import tiny_config
 
@@ -26,6 +27,11 @@ def test_a_training_step_syncs_the_host_once(corpus, tmp_path, monkeypatch):
                       log_interval=1, checkpoint_interval=100)
     trainer = build_trainer(cfg)
     trainer.save = lambda: None  # checkpoints sync at their interval, not per step
+    # The optimizer as build_optimizer makes it on a GPU: fused AdamW keeps its step counts on the device (the
+    # CPU's foreach AdamW reads them with .item(), harmless there).
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in trainer.optimizer.param_groups]
+    trainer.optimizer = torch.optim.AdamW(groups, fused=True)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
     as_on_a_gpu(monkeypatch)
     with SyncRecorder(GPU_PATH, HOST_SIDE) as recorder:
         trainer.run()
