@@ -3,6 +3,7 @@
     bertforge pretrain                                  # small stacking run on the packaged news corpus
     bertforge pretrain --stages 3:50000,6:70000,12:280000 --hidden_size 768 --num_heads 12 --intermediate_size 3072
     bertforge pretrain --config run.json --resume true
+    bertforge convert --checkpoint runs/pretrain/checkpoint.pt --out_dir runs/pretrain/hf   # -> Hugging Face folder
     torchrun --nproc_per_node 2 -m bertforge.train.cli pretrain ...
 """
 
@@ -15,11 +16,12 @@ import typing
 
 from .checkpoint import CheckpointError
 from .distributed import RankTimeout
+from .export import ConvertConfig, convert
 from .pretrain import PretrainConfig, pretrain
 from .run_folder import RunFolderError
 from .text import CorpusError
 
-COMMANDS = {"pretrain": (PretrainConfig, pretrain)}
+COMMANDS = {"pretrain": (PretrainConfig, pretrain), "convert": (ConvertConfig, convert)}
 
 
 def _parse_bool(text: str) -> bool:
@@ -100,7 +102,8 @@ def config_from_args(config_class, args: argparse.Namespace):
 
 
 # A user's mistake or a run that cannot go on: one line, no traceback.
-USER_ERRORS = (CorpusError, CheckpointError, RunFolderError, FloatingPointError, FileNotFoundError, RankTimeout)
+USER_ERRORS = (CorpusError, CheckpointError, RunFolderError, FloatingPointError, FileNotFoundError,
+               FileExistsError, RankTimeout)
 
 
 def main(argv=None):

@@ -230,3 +230,26 @@ def test_a_hung_rank_fails_the_job_after_the_timeout(corpus, tmp_path):
             process.kill()
     assert ranks[0].returncode == 1
     assert "bertforge pretrain: rank 0: step 3: waited more than 5 s for another rank" in errors.splitlines()[-1]
+
+
+def test_convert_writes_a_folder_transformers_loads_with_the_same_outputs(corpus, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    summary = pretrain(tiny_config(corpus, tmp_path / "run", stop_after=4))  # stacked to 2 layers at step 3
+    out = tmp_path / "hf"
+    cli_main(["convert", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out_dir", str(out)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"out_dir": str(out), "step": 4,
+                                                                          "layers": 2}
+    ours = summary["model"].eval()
+    theirs = transformers.BertForMaskedLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = torch.randint(5, ours.config.vocab_size, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        expected = ours(ids, mask).logits
+        got = theirs(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    with pytest.raises(SystemExit, match="already holds a model"):
+        cli_main(["convert", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out_dir", str(out)])
+    with pytest.raises(SystemExit, match="--checkpoint is required"):
+        cli_main(["convert", "--out_dir", str(out)])
