@@ -72,18 +72,25 @@ def _jit_function(spec):
     return spec.fn
 
 
-def _source(spec):
-    """The ASTSource of a spec, after checking that its signature names exactly the kernel's arguments."""
-    fn = _jit_function(spec)
-    args = list(fn.arg_names)
+def check_spec(spec):
+    """Raise ValueError unless the spec's signature names exactly the kernel's arguments, its constexprs exactly
+    the constexpr ones, and divisible_args only runtime arguments."""
+    args = list(spec.fn.arg_names)
     if set(spec.signature) != set(args):
         raise ValueError(f"signature keys {sorted(spec.signature)} != kernel arguments {sorted(args)}")
     constexpr_args = {name for name, ty in spec.signature.items() if ty == "constexpr"}
     if set(spec.constexprs) != constexpr_args:
         raise ValueError(f"constexprs {sorted(spec.constexprs)} != constexpr arguments {sorted(constexpr_args)}")
-    unknown = set(spec.divisible_args) - set(args)
-    if unknown:
-        raise ValueError(f"divisible_args {sorted(unknown)} are not kernel arguments")
+    not_runtime = set(spec.divisible_args) - (set(args) - constexpr_args)
+    if not_runtime:
+        raise ValueError(f"divisible_args {sorted(not_runtime)} are not runtime kernel arguments")
+
+
+def _source(spec):
+    """The ASTSource of a spec, after `check_spec`."""
+    fn = _jit_function(spec)
+    check_spec(spec)
+    args = list(fn.arg_names)
     # The attributes the JIT attaches to 16-aligned pointers and sizes: without them loads are not vectorised.
     attrs = {(args.index(name),): [["tt.divisibility", 16]] for name in spec.divisible_args}
     return ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
