@@ -6,6 +6,9 @@ their intervals. Counted on the CPU by recording the syncing calls that bertforg
 code path (value checks off, as for CUDA tensors); the collator's CPU work is outside it by design.
 """
 
+import warnings
+
+import pytest
 import torch
 from host_syncs import SyncRecorder, as_on_a_gpu
 from tiny_runs import tiny_config
@@ -37,3 +40,25 @@ def test_a_training_step_syncs_the_host_once(corpus, tmp_path, monkeypatch):
         trainer.run()
     assert [(name, path) for name, path, _ in recorder.calls] == [("tolist", "train/loop.py")] * steps, \
         recorder.calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_training_step_on_a_gpu_syncs_the_host_once(corpus, tmp_path, monkeypatch):
+    """The same budget measured by CUDA itself: torch.cuda.set_sync_debug_mode warns at every sync."""
+    monkeypatch.delenv("BERTFORGE_KERNELS")  # the Triton kernels, as a GPU run uses them
+    cfg = tiny_config(corpus, tmp_path, stages=None, num_layers=2, steps=2, grad_accum=2, eval_interval=0,
+                      log_interval=1, checkpoint_interval=100)
+    trainer = build_trainer(cfg)
+    trainer.save = lambda: None
+    trainer.run()  # the first steps autotune and compile the kernels, which syncs
+    trainer.settings.steps = 2 + 3
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 3, "\n".join(str(w.message) for w in syncs)
