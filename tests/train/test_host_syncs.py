@@ -3,7 +3,10 @@
 Budget (documented in the README): one device-to-host sync per optimizer step, the loop reading one small tensor
 [not finite, SIGINT, SIGTERM, loss]; none per layer or per micro-batch. Evaluation and checkpoints add theirs at
 their intervals. Counted on the CPU by recording the syncing calls that bertforge's own code makes on the CUDA
-code path (value checks off, as for CUDA tensors); the collator's CPU work is outside it by design.
+code path (value checks off, as for CUDA tensors); the collator's CPU work is outside it by design. A
+TorchFunctionMode does not see inside `loss.backward()`: the kernels' backward launch code is covered by
+tests/kernels/test_attention.py (test_varlen_attention_on_a_gpu_reads_no_tensor_values), and on a GPU by the
+set_sync_debug_mode test below.
 """
 
 import warnings
