@@ -15,6 +15,7 @@ from .bert import (
 )
 from .config import BertConfig
 from .convert import load_hf_state_dict, save_pretrained
+from .exits import EarlyExitOutput, MultiExitBert, MultiExitOutput, early_exit
 from .packing import IGNORE_INDEX, TokenPacking, mlm_label_positions
 
 __all__ = [
@@ -29,9 +30,13 @@ __all__ = [
     "BertModelOutput",
     "BertPooler",
     "BertSelfAttention",
+    "EarlyExitOutput",
     "Layout",
+    "MultiExitBert",
+    "MultiExitOutput",
     "ResidualLayerNorm",
     "TokenPacking",
+    "early_exit",
     "load_hf_state_dict",
     "mlm_label_positions",
     "save_pretrained",

@@ -2,7 +2,9 @@
 [l0..l(L-1), l0'..l(L-1)'], layer L+i a copy of layer i, on the live model and optimizer.
 
 The existing nn.Parameter objects, and their optimizer state tensors, stay the same objects: nothing is
-reallocated or copied for them. The copies join the optimizer's param groups of their sources.
+reallocated or copied for them. The copies join the optimizer's param groups of their sources. A model with an
+exit per layer (MultiExitBert) gives each new layer a copy of its source layer's exit, which joins the optimizer
+the same way.
 """
 
 import copy
@@ -52,6 +54,8 @@ def stack(model, optimizer=None, optimizer_state: str = "copy"):
             new.grad = None
             pairs.append((source, new))
         layers.append(clone)
+    if hasattr(module, "stack_exits"):  # a head per layer (MultiExitBert): new layers get copies of their sources'
+        pairs += module.stack_exits()
     _grow_config(module, old_depth)
     if optimizer is not None:
         _add_to_optimizer(optimizer, pairs, optimizer_state)
