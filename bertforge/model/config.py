@@ -142,6 +142,8 @@ class BertConfig:
                      "problem_type"):
             if d[name] is None:
                 del d[name]
+        if self.id2label is not None:  # as transformers writes it, so its pipelines map names both ways
+            d["label2id"] = {name: index for index, name in self.id2label.items()}
         d["model_type"] = "bert"
         return d
 

@@ -3,6 +3,8 @@
     bertforge pretrain                                  # small stacking run on the packaged news corpus
     bertforge pretrain --stages 3:50000,6:70000,12:280000 --hidden_size 768 --num_heads 12 --intermediate_size 3072
     bertforge pretrain --config run.json --resume true
+    bertforge finetune                                  # MiniLM on Rotten Tomatoes, plain fine-tuning
+    bertforge finetune --recipe romebert --gradient_projection true --data train.tsv --dev_data dev.tsv
     bertforge convert --checkpoint runs/pretrain/checkpoint.pt --out_dir runs/pretrain/hf   # -> Hugging Face folder
     torchrun --nproc_per_node 2 -m bertforge.train.cli pretrain ...
 """
@@ -16,12 +18,15 @@ import typing
 
 from .checkpoint import CheckpointError
 from .distributed import RankTimeout
+from .classification_data import DataError
 from .export import ConvertConfig, convert
+from .finetune import FinetuneConfig, finetune
 from .pretrain import PretrainConfig, pretrain
 from .run_folder import RunFolderError
 from .text import CorpusError
 
-COMMANDS = {"pretrain": (PretrainConfig, pretrain), "convert": (ConvertConfig, convert)}
+COMMANDS = {"pretrain": (PretrainConfig, pretrain), "finetune": (FinetuneConfig, finetune),
+            "convert": (ConvertConfig, convert)}
 
 
 def _parse_bool(text: str) -> bool:
@@ -103,7 +108,7 @@ def config_from_args(config_class, args: argparse.Namespace):
 
 # A user's mistake or a run that cannot go on: one line, no traceback.
 USER_ERRORS = (CorpusError, CheckpointError, RunFolderError, FloatingPointError, FileNotFoundError,
-               FileExistsError, RankTimeout)
+               FileExistsError, RankTimeout, DataError)
 
 
 def main(argv=None):

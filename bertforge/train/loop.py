@@ -4,6 +4,9 @@
 
 A method is a hook: an object with any of these methods, called by the loop.
     on_step_start(trainer)          before each optimizer step (e.g. grow the model at a stage boundary)
+    backward(trainer, batch, scale) forward and backward of one micro-batch (loss scaled by `scale`), returning the
+                                    detached loss; replaces the default `model(**batch).loss` (a method's own loss)
+    on_evaluate(trainer, metrics)   after each evaluation (e.g. keep the best model)
     restore(trainer, checkpoint)    on resume, before the states load: rebuild the checkpoint's model shape
     state_dict() / load_state_dict  extra state to checkpoint
 A hook that changes the model assigns `trainer.model` (stacking re-wraps a DDP model).
@@ -186,9 +189,7 @@ class Trainer:
             batch = {k: self._to_device(v) for k, v in cpu_batch.items()}
             sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
-                loss = self.model(**batch).loss / accum
-                loss.backward()
-            total_loss += loss.detach().float()
+                total_loss += self._backward(batch, 1.0 / accum).float()
         max_norm = self.settings.grad_clip or math.inf  # inf: only measure the norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         # The step's one host sync: [not finite, SIGINT, SIGTERM, loss], summed over ranks so that all agree.
@@ -208,6 +209,14 @@ class Trainer:
         self.scheduler.step()  # a skipped step still advances the schedule, which is indexed by the step counter
         stop = signal.SIGTERM if sigterm else signal.SIGINT if sigint else 0
         return loss / self.world_size, tokens * self.world_size, applied, stop
+
+    def _backward(self, batch, scale: float) -> torch.Tensor:
+        for hook in self.hooks:
+            if hasattr(hook, "backward"):
+                return hook.backward(self, batch, scale)
+        loss = self.model(**batch).loss * scale
+        loss.backward()
+        return loss.detach()
 
     def _to_device(self, value):
         """Copy a batch value (a tensor, or an object with pin_memory() and to()) without waiting for the copy."""
@@ -245,6 +254,9 @@ class Trainer:
         with torch.no_grad(), self.autocast:
             metrics = self.evaluate(self.model)
         self.log(kind="eval", **metrics)
+        for hook in self.hooks:
+            if hasattr(hook, "on_evaluate"):
+                hook.on_evaluate(self, metrics)
 
     def depth_hint(self):
         try:

@@ -1,0 +1,194 @@
+"""Multi-exit BERT on a real task: every recipe's per-exit accuracy and training cost, then early-exit inference
+speed against running all layers, batched, measured side by side.
+
+    python -m bertforge.bench.multi_exit --out report/multi-exit        # MiniLM on Rotten Tomatoes, every recipe
+
+1. Sanity baselines on the same test split, computed here: majority class, TF-IDF + logistic regression and
+   frozen MiniLM (mean-pooled last layer) + logistic regression (scikit-learn: pip install -e ".[bench]").
+2. `bertforge finetune` with each recipe (final, deebert, pabee, romebert, romebert with gradient projection),
+   the same epochs, batch and learning rate, each decayed to zero in its own budget; test accuracy per exit of
+   the best dev model; training wall-clock (deebert: both stages).
+3. For each multi-exit model and criterion (entropy, confidence, patience), a sweep of thresholds: test accuracy
+   and the wall-clock of batched early exit (batch 32) over the test set, against the same model running all
+   layers (its final classifier only) on the same batches, timed alternately in the same run; speed-up = time of
+   all layers / time of early exit.
+Writes results.json, results.md and plots (accuracy per exit, accuracy against speed-up) into --out.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bertforge.model import BertForSequenceClassification, BertModel, MultiExitBert, early_exit
+from bertforge.train import corpus
+from bertforge.train.classification_data import classification_batches, rotten_tomatoes
+from bertforge.train.finetune import FinetuneConfig, finetune
+from bertforge.train.tokenizer import load_tokenizer
+
+RECIPES = {"final": dict(recipe="final"), "deebert": dict(recipe="deebert"), "pabee": dict(recipe="pabee"),
+           "romebert": dict(recipe="romebert"), "romebert-gp": dict(recipe="romebert", gradient_projection=True)}
+SWEEPS = {"entropy": [0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],  # papers.md 2(b)
+          "confidence": [1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6],
+          "patience": [5, 4, 3, 2, 1]}
+BATCH = 32
+
+
+def sanity_baselines(splits) -> dict:
+    """Majority class, TF-IDF + LR and frozen MiniLM mean-pool + LR, fitted on train, scored on test."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    train, test = splits["train"], splits["test"]
+    majority = np.bincount(train.labels).argmax()
+    results = {"majority": float(np.mean(np.array(test.labels) == majority))}
+    tfidf = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
+    classifier = LogisticRegression(max_iter=2000, C=4.0).fit(tfidf.fit_transform(train.texts), train.labels)
+    results["tfidf_logistic_regression"] = float(classifier.score(tfidf.transform(test.texts), test.labels))
+    encoder, tokenizer = BertModel.from_pretrained(corpus.minilm_checkpoint()).eval(), load_tokenizer()
+
+    def embed(data):
+        rows = []
+        with torch.no_grad():
+            for batch in classification_batches(data, tokenizer, 64, 128):
+                h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).last_hidden_state
+                mask = batch["attention_mask"][..., None].float()
+                rows.append((h * mask).sum(1) / mask.sum(1))
+        return torch.cat(rows).numpy()
+
+    frozen = LogisticRegression(max_iter=2000).fit(embed(train), train.labels)
+    results["frozen_minilm_logistic_regression"] = float(frozen.score(embed(test), test.labels))
+    return results
+
+
+def train_recipes(out: Path, names, epochs: int, progress: bool) -> dict:
+    runs = {}
+    for name in names:
+        cfg = FinetuneConfig(out_dir=str(out / "runs" / name), overwrite=True, epochs=epochs, progress=progress,
+                             **RECIPES[name])
+        summary = finetune(cfg)
+        runs[name] = {"test_exit_accuracy": summary["test_exit_accuracy"], "train_seconds": summary["train_time"],
+                      "steps": summary["step"], "best": str(Path(cfg.out_dir) / "best")}
+        print(f"{name}: test accuracy per exit {np.round(summary['test_exit_accuracy'], 4).tolist()}, "
+              f"{summary['train_time']:.0f} s of training", flush=True)
+    return runs
+
+
+def _timed(fn, batches) -> tuple[float, list]:
+    started, outputs = time.perf_counter(), [fn(b) for b in batches]
+    return time.perf_counter() - started, outputs
+
+
+def speed_sweep(model: MultiExitBert, batches, labels: torch.Tensor, criteria) -> dict:
+    """Accuracy, mean exit layer and speed-up over all layers for each criterion and threshold."""
+    def all_layers(b):
+        return BertForSequenceClassification.forward(model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                                     packing=b["packing"]).logits.argmax(-1)
+
+    results = {}
+    with torch.no_grad():
+        all_layers_seconds, _ = _timed(all_layers, batches)  # warm-up of both paths
+        for criterion in criteria:
+            rows = []
+            for value in SWEEPS[criterion]:
+                rule = {"patience": value} if criterion == "patience" else {"threshold": value}
+
+                def exit_early(b):
+                    return early_exit(model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                      criterion=criterion, packing=b["packing"], **rule)
+
+                baseline, _ = _timed(all_layers, batches)  # alternated: the machine's drift hits both alike
+                seconds, outs = _timed(exit_early, batches)
+                predictions = torch.cat([o.predictions for o in outs])
+                layers = torch.cat([o.exit_layers for o in outs]).float()
+                rows.append({"value": value, "accuracy": float((predictions == labels).float().mean()),
+                             "mean_exit_layer": float(layers.mean()), "seconds": seconds,
+                             "all_layers_seconds": baseline, "speed_up": baseline / seconds})
+            results[criterion] = rows
+    return results
+
+
+def markdown(result: dict) -> str:
+    lines = ["| baseline | test accuracy |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in result["baselines"].items()]
+    depth = max(len(r["test_exit_accuracy"]) for r in result["runs"].values())
+    lines += ["", "| recipe | training s | " + " | ".join(f"exit {i + 1}" for i in range(depth)) + " |",
+              "|---|---|" + "---|" * depth]
+    for name, run in result["runs"].items():
+        accuracy = run["test_exit_accuracy"]
+        cells = [""] * (depth - len(accuracy)) + [f"{a:.4f}" for a in accuracy]
+        lines.append(f"| {name} | {run['train_seconds']:.0f} | " + " | ".join(cells) + " |")
+    for name, sweeps in result["speed"].items():
+        final = result["runs"][name]["test_exit_accuracy"][-1]
+        lines += ["", f"{name} (all layers: test accuracy {final:.4f})", "",
+                  "| criterion | value | accuracy | mean exit layer | speed-up (batch 32) |", "|---|---|---|---|---|"]
+        for criterion, rows in sweeps.items():
+            lines += [f"| {criterion} | {r['value']} | {r['accuracy']:.4f} | {r['mean_exit_layer']:.2f} | "
+                      f"{r['speed_up']:.2f}x |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = result["speed"]
+    fig, axes = plt.subplots(1, 1 + len(SWEEPS), figsize=(5 * (1 + len(SWEEPS)), 4.2))
+    for name, run in result["runs"].items():
+        accuracy = run["test_exit_accuracy"]
+        axes[0].plot(range(1, len(accuracy) + 1), accuracy, marker="o", label=name)
+    axes[0].set(xlabel="exit (layer)", ylabel="test accuracy", title="accuracy of each exit")
+    axes[0].legend()
+    for ax, criterion in zip(axes[1:], SWEEPS):
+        for name, sweeps in speed.items():
+            if criterion in sweeps:
+                rows = sweeps[criterion]
+                ax.plot([r["speed_up"] for r in rows], [r["accuracy"] for r in rows], marker=".", label=name)
+        ax.axvline(2.0, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="speed-up over all layers (batch 32, wall-clock)", ylabel="test accuracy", title=criterion)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="report/multi-exit")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {list(RECIPES)}")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.recipes.split(",")]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    splits = rotten_tomatoes(seed=0)
+    result = {"threads": torch.get_num_threads(), "epochs": args.epochs, "baselines": sanity_baselines(splits)}
+    print(f"baselines: {result['baselines']}", flush=True)
+    result["runs"] = train_recipes(out, names, args.epochs, args.progress)
+    tokenizer = load_tokenizer()
+    batches = list(classification_batches(splits["test"], tokenizer, BATCH, 128))
+    labels = torch.cat([b["labels"] for b in batches])
+    result["speed"] = {}
+    for name in names:
+        if name == "final":
+            continue
+        model = MultiExitBert.from_pretrained(result["runs"][name]["best"]).eval()
+        result["speed"][name] = speed_sweep(model, batches, labels, list(SWEEPS))
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(markdown(result))
+    plot(result, out / "multi_exit.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
