@@ -15,7 +15,7 @@ from .bert import (
 )
 from .config import BertConfig
 from .convert import load_hf_state_dict, save_pretrained
-from .exits import EarlyExitOutput, MultiExitBert, MultiExitOutput, early_exit
+from .exits import EarlyExitOutput, MultiExitBert, MultiExitOutput, early_exit, pooled_early_exit
 from .packing import IGNORE_INDEX, TokenPacking, mlm_label_positions
 
 __all__ = [
@@ -39,5 +39,6 @@ __all__ = [
     "early_exit",
     "load_hf_state_dict",
     "mlm_label_positions",
+    "pooled_early_exit",
     "save_pretrained",
 ]

@@ -13,8 +13,10 @@ running are gathered into a smaller packed batch, so the deeper layers do less w
 layer's batch full by taking in new requests as others leave.
 """
 
+import collections
 import copy
 import dataclasses
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -282,3 +284,79 @@ def _check_rule(model, criterion, threshold, patience):
     if criterion == "confidence" and not (number and 0 < threshold <= 1):
         raise ValueError(f"confidence threshold must be a number in (0, 1], got {threshold!r}")
     return threshold
+
+
+@dataclasses.dataclass
+class _Waiting:
+    """A request between layers: its hidden states (tokens, hidden) and the patience rule's 0-d device state."""
+
+    index: int
+    hidden: torch.Tensor
+    previous: torch.Tensor
+    streak: torch.Tensor
+
+
+def pooled_early_exit(model: MultiExitBert, requests, batch_size: int, *, criterion: str,
+                      threshold: float | None = None, patience: int | None = None):
+    """Early exit over a stream of requests (1-D input_ids tensors, [CLS] first), with a pool of waiting sequences
+    per layer. A layer runs when its pool holds batch_size sequences (the deepest such layer first), so while
+    requests keep coming every layer works on full batches: those that leave are replaced by those behind them.
+    Once the stream ends, what is left runs from the shallowest pool down, merging as it goes.
+
+    Returns an iterator of (request index, prediction, exit layer 1..L), in the order requests leave; each is what
+    early_exit gives that request alone. One host read per layer run.
+    """
+    limit = _check_rule(model, criterion, threshold, patience)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return _serve_pools(model, enumerate(requests), batch_size, criterion, limit)
+
+
+@torch.no_grad()
+def _serve_pools(model, requests, batch_size, criterion, limit):
+    layers, heads = model.bert.encoder.layers, model.exit_heads()
+    pools = [collections.deque() for _ in layers]  # pools[l]: sequences waiting for layer l
+    more = True
+    while True:
+        while more and len(pools[0]) < batch_size:
+            index, ids = next(requests, (None, None))
+            more = index is not None
+            if more:
+                pools[0].append(_admit(model, index, ids))
+        full = [l for l, pool in enumerate(pools) if len(pool) >= batch_size]
+        waiting = [l for l, pool in enumerate(pools) if pool]
+        if not waiting:
+            return
+        l = full[-1] if full else waiting[0]
+        batch = [pools[l].popleft() for _ in range(min(batch_size, len(pools[l])))]
+        lengths = [len(s.hidden) for s in batch]
+        device = batch[0].hidden.device
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)  # built on the host
+        layout = Layout(len(batch), max(lengths), cu_seqlens=cu_seqlens.to(device, non_blocking=True),
+                        max_seqlen=max(lengths))
+        x = layers[l](torch.cat([s.hidden for s in batch]), layout)
+        logits = model.classify(heads[l], cls_rows(x, layout))
+        previous, streak = torch.stack([s.previous for s in batch]), torch.stack([s.streak for s in batch])
+        if l < len(layers) - 1:
+            done, previous, streak = _leaves(criterion, limit, logits, previous, streak)
+        else:
+            done = torch.ones_like(previous, dtype=torch.bool)
+        done_list, predictions = torch.stack((done.long(), logits.argmax(-1))).tolist()  # the host read
+        for i, (s, hidden) in enumerate(zip(batch, x.split(lengths))):
+            if done_list[i]:
+                yield s.index, predictions[i], l + 1
+            else:
+                pools[l + 1].append(_Waiting(s.index, hidden, previous[i], streak[i]))
+
+
+def _admit(model, index, ids) -> _Waiting:
+    """A new request, embedded: it waits for layer 1."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"request {index}: input_ids must be a 1-D tensor of token ids, got {got}")
+    try:
+        hidden, _ = embed(model.bert, ids[None])
+    except ValueError as e:
+        raise ValueError(f"request {index}: {e}") from e
+    no_prediction = torch.full((), -1, device=ids.device)
+    return _Waiting(index, hidden, previous=no_prediction, streak=torch.zeros_like(no_prediction))

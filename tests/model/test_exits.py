@@ -1,5 +1,6 @@
 """Multi-exit BERT and early exit: every exit against transformers' hidden states, checkpoints in and out, stacking,
-exit rules against a per-sample reference, batched exits against one sample at a time, rows that leave."""
+exit rules against a per-sample reference, batched exits against one sample at a time, rows that leave, and the
+per-layer pools of a request stream against one request at a time."""
 
 import itertools
 import math
@@ -13,7 +14,13 @@ from bert_inputs import ragged_batch, random_lengths, tiny_config
 from host_syncs import SyncRecorder, as_on_a_gpu
 from safetensors.torch import load_file
 
-from bertforge.model import BertForSequenceClassification, MultiExitBert, TokenPacking, early_exit
+from bertforge.model import (
+    BertForSequenceClassification,
+    MultiExitBert,
+    TokenPacking,
+    early_exit,
+    pooled_early_exit,
+)
 from bertforge.model.growth import stack
 from bertforge.train.corpus import minilm_checkpoint, news_articles
 from bertforge.train.tokenizer import load_tokenizer
@@ -421,8 +428,68 @@ def test_bad_models_and_inputs_raise(tmp_path):
         model(ids, left_padded)
     with pytest.raises(ValueError, match="labels must have batch size 2 first, got \\(3,\\)"):
         model(ids, labels=torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="layout must be one of \\('per_exit_pooler', 'shared_pooler'\\), got 'deebert'"):
+    with pytest.raises(ValueError, match=r"layout must be one of \('per_exit_pooler', 'shared_pooler'\), got 'deeb"):
         MultiExitBert(tiny_config(), layout="deebert")
     del model.exits[-1]  # layers added by hand, not by growth.stack: no exit for the last early layer
     with pytest.raises(ValueError, match="1 exits for 3 layers: grow the model with bertforge.model.growth.stack"):
         model(ids)
+
+
+# -- a stream of requests through per-layer pools ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout, criterion", PAIRS)
+def test_pooled_early_exit_matches_early_exit_one_request_at_a_time(layout, criterion):
+    model = MultiExitBert(tiny_config(num_hidden_layers=5, num_labels=3), layout).eval()
+    lengths = random_lengths(30, 20)
+    ids, mask, _ = ragged_batch(model.config.vocab_size, lengths)
+    values = rule_values(random_heads(model, ids, mask), criterion)
+    limit = spreading_limit(values, criterion)
+    requests = [ids[i, :n] for i, n in enumerate(lengths.tolist())]
+    seen, handles = count_rows_per_layer(model)
+    try:
+        served = list(pooled_early_exit(model, iter(requests), 4, **rule(criterion, limit)))
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(index for index, _, _ in served) == list(range(30)), "every request leaves exactly once"
+    layers = {index: layer for index, _, layer in served}
+    assert len(set(layers.values())) >= 2
+    for index, prediction, layer in served:
+        alone = early_exit(model, requests[index][None], **rule(criterion, limit))
+        assert (prediction, layer) == (alone.predictions.item(), alone.exit_layers.item()), f"request {index}"
+    for depth, calls in enumerate(seen, start=1):
+        assert sum(batch for _, batch in calls) == sum(layer >= depth for layer in layers.values()), f"layer {depth}"
+    # Full batches: a layer runs a partial one only when the stream has ended, once at most.
+    batches = [batch for calls in seen for _, batch in calls]
+    assert max(batches) == 4 and sum(batch < 4 for batch in batches) <= 5
+
+
+def test_pooled_early_exit_serves_a_stream_as_it_comes():
+    """Outputs come while the stream goes on, having read only what the pools hold (< 2 batches per layer)."""
+    model = MultiExitBert(tiny_config(num_hidden_layers=3)).eval()
+    taken = 0
+
+    def stream(n=2000):
+        nonlocal taken
+        for _ in range(n):
+            taken += 1
+            yield torch.randint(1, model.config.vocab_size, (int(torch.randint(1, 12, ())),))
+
+    served = list(itertools.islice(pooled_early_exit(model, stream(), 3, criterion="patience", patience=1), 10))
+    assert len(served) == 10 and all(2 <= layer <= 3 for _, _, layer in served)
+    assert taken <= 10 + 3 * 2 * 3, f"read {taken} requests to serve 10"
+    assert list(pooled_early_exit(model, iter([]), 3, criterion="patience", patience=1)) == []
+
+
+def test_pooled_early_exit_bad_inputs_raise():
+    model = MultiExitBert(tiny_config(num_hidden_layers=3)).eval()
+    requests = [torch.randint(1, 97, (5,)), torch.randint(1, 97, (2, 5))]
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        pooled_early_exit(model, iter(requests), 0, criterion="patience", patience=1)
+    with pytest.raises(ValueError, match="criterion 'entropy' needs a threshold"):  # at the call, not when iterated
+        pooled_early_exit(model, iter(requests), 2, criterion="entropy")
+    with pytest.raises(ValueError, match=r"request 1: input_ids must be a 1-D tensor of token ids, got \(2, 5\)"):
+        list(pooled_early_exit(model, iter(requests), 2, criterion="patience", patience=1))
+    with pytest.raises(ValueError, match=r"request 0: input_ids out of range: got 500"):
+        list(pooled_early_exit(model, iter([torch.tensor([1, 500])]), 2, criterion="patience", patience=1))
