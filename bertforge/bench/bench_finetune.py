@@ -24,11 +24,7 @@ CASES = ["bertforge", "transformers-sdpa"]
 ROUNDS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_reference_kernels():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BERTFORGE_KERNELS", "reference")
-        yield
+pytestmark = pytest.mark.usefixtures("cpu_reference_kernels")
 
 
 @pytest.fixture(scope="module")

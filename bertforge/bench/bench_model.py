@@ -30,12 +30,7 @@ CONFIG = dict(vocab_size=30522, hidden_size=128, num_hidden_layers=8, num_attent
 ROUNDS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_reference_kernels():
-    """On CPU bertforge runs its reference ops; never Triton's interpreter, even if a test run set it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BERTFORGE_KERNELS", "reference")
-        yield
+pytestmark = pytest.mark.usefixtures("cpu_reference_kernels")
 
 
 @pytest.fixture(scope="module")

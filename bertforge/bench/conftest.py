@@ -25,6 +25,15 @@ def cuda_device():
     return torch.device("cuda")
 
 
+@pytest.fixture(scope="module")
+def cpu_reference_kernels():
+    """CPU suites time bertforge on its reference ops (what it runs on a CPU), never on Triton's interpreter, even
+    when a test run switched it on."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BERTFORGE_KERNELS", "reference")
+        yield
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_benchmark_group_stats(config, benchmarks, group_by):
     outcome = yield
