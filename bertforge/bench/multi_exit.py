@@ -141,9 +141,10 @@ def plot(result: dict, path: Path):
 
     speed = result["speed"]
     fig, axes = plt.subplots(1, 1 + len(SWEEPS), figsize=(5 * (1 + len(SWEEPS)), 4.2))
+    depth = max(len(run["test_exit_accuracy"]) for run in result["runs"].values())
     for name, run in result["runs"].items():
-        accuracy = run["test_exit_accuracy"]
-        axes[0].plot(range(1, len(accuracy) + 1), accuracy, marker="o", label=name)
+        accuracy = run["test_exit_accuracy"]  # a plain model has only the last layer's classifier
+        axes[0].plot(range(depth - len(accuracy) + 1, depth + 1), accuracy, marker="o", label=name)
     axes[0].set(xlabel="exit (layer)", ylabel="test accuracy", title="accuracy of each exit")
     axes[0].legend()
     for ax, criterion in zip(axes[1:], SWEEPS):
