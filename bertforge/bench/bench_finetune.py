@@ -12,6 +12,7 @@ case's time as a ratio to bertforge's, measured in the same run.
 import pytest
 import torch
 
+from bertforge.bench.steps import train_step
 from bertforge.model import BertForSequenceClassification
 from bertforge.train import corpus
 from bertforge.train.classification_data import ClassificationBatches, rotten_tomatoes
@@ -56,14 +57,6 @@ def build(case, weights_dir, batch):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
     model.train()
     return model, torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01, fused=True), inputs
-
-
-def train_step(model, optimizer, inputs):
-    optimizer.zero_grad(set_to_none=True)
-    loss = model(**inputs).loss
-    loss.backward()
-    optimizer.step()
-    return loss
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from bertforge.bench._data import news_mlm_batch
+from bertforge.bench.steps import train_step
 from bertforge.model import IGNORE_INDEX, BertConfig, BertForMaskedLM
 
 transformers = pytest.importorskip("transformers")
@@ -60,14 +61,6 @@ def build(case, weights_dir):
     if case.endswith("-compile"):
         model = torch.compile(model)
     return model, optimizer
-
-
-def train_step(model, optimizer, batch):
-    optimizer.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    return loss
 
 
 @pytest.mark.parametrize("case", CASES)
