@@ -5,8 +5,16 @@ named as in BertForSequenceClassification):
     per_exit_pooler  DeeBERT / RomeBERT: each its own pooler (a copy of the checkpoint's) -> dropout -> Linear
     shared_pooler    PABEE: the model's pooler for every layer -> dropout -> a Linear per layer
 
+What an exit of layers 1..L-1 reads (exit_pooling; the final exit always reads [CLS], as BERT does):
+    cls   the layer's [CLS] row, as DeeBERT, PABEE and RomeBERT do
+    mean  the mean of the layer's real token rows, for checkpoints whose [CLS] carries nothing below the last
+          layer: in the MiniLM sentence-embedding checkpoint (trained with mean pooling) the [CLS] row of layers
+          1-5 is almost the same for every input (spread over inputs 0.001 against 0.2 at layer 6), so
+          [CLS]-reading exits there stay at the majority class
+
 A saved MultiExitBert is a BertForSequenceClassification folder plus its exits (under "exits.", which transformers
-ignores) and "exit_layout" in config.json, so transformers loads it as a plain classifier: the final exit.
+ignores) and "exit_layout" / "exit_pooling" in config.json, so transformers loads it as a plain classifier: the
+final exit.
 
 early_exit runs a batch layer by layer and takes each sample out as soon as its exit is sure enough; the rows left
 running are gathered into a smaller packed batch, so the deeper layers do less work. pooled_early_exit keeps each
@@ -39,6 +47,7 @@ from .config import BertConfig
 from .packing import TokenPacking
 
 LAYOUTS = ("per_exit_pooler", "shared_pooler")
+EXIT_POOLINGS = ("cls", "mean")
 CRITERIA = ("entropy", "confidence", "patience")
 
 
@@ -71,11 +80,13 @@ class MultiExitBert(BertForSequenceClassification):
     tokenizers make them.
     """
 
-    def __init__(self, config: BertConfig, layout: str = "per_exit_pooler"):
+    def __init__(self, config: BertConfig, layout: str = "per_exit_pooler", exit_pooling: str = "cls"):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if exit_pooling not in EXIT_POOLINGS:
+            raise ValueError(f"exit_pooling must be one of {EXIT_POOLINGS}, got {exit_pooling!r}")
         super().__init__(config)
-        self.layout = layout
+        self.layout, self.exit_pooling = layout, exit_pooling
         own_pooler = layout == "per_exit_pooler"
         self.exits = nn.ModuleList(
             Exit(copy.deepcopy(self.bert.pooler) if own_pooler else None,
@@ -94,20 +105,21 @@ class MultiExitBert(BertForSequenceClassification):
         heads = [(e.pooler if e.pooler is not None else shared, e.classifier) for e in self.exits]
         return heads + [(shared, self.classifier)]
 
-    def classify(self, head, cls_rows: torch.Tensor) -> torch.Tensor:
-        """One exit's logits (batch, num_labels) from its layer's [CLS] rows (batch, hidden)."""
+    def classify(self, head, x: torch.Tensor, layout: Layout, final: bool) -> torch.Tensor:
+        """One exit's logits (batch, num_labels) from its layer's packed rows x (tokens, hidden)."""
         pooler, classifier = head
-        return classifier(self.dropout(pooler(cls_rows[:, None])))  # the pooler reads position 0 of a sequence
+        rows = cls_rows(x, layout) if final or self.exit_pooling == "cls" else mean_rows(x, layout)
+        return classifier(self.dropout(pooler(rows[:, None])))  # the pooler reads position 0 of a sequence
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, packing: TokenPacking | None = None,
                 labels=None):
         """packing: see BertModel.forward. With labels, loss is the final exit's (the multi-exit training losses
         combine exit_logits: bertforge.train.finetune)."""
         x, layout = embed(self.bert, input_ids, attention_mask, token_type_ids, packing)
-        exit_logits = []
-        for layer, head in zip(self.bert.encoder.layers, self.exit_heads()):
+        exit_logits, heads = [], self.exit_heads()
+        for i, (layer, head) in enumerate(zip(self.bert.encoder.layers, heads)):
             x = layer(x, layout)
-            exit_logits.append(self.classify(head, cls_rows(x, layout)))
+            exit_logits.append(self.classify(head, x, layout, final=i == len(heads) - 1))
         logits = exit_logits[-1]
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[:1] != logits.shape[:1]):
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
@@ -134,18 +146,22 @@ class MultiExitBert(BertForSequenceClassification):
         return pairs
 
     @classmethod
-    def from_pretrained(cls, path, layout: str | None = None, **config_overrides):
-        """A MultiExitBert saved by save_pretrained (layout None = the saved one), or any Hugging Face BERT folder:
-        then new exits, per-exit poolers copied from the checkpoint's pooler, classifiers fresh (layout None =
-        per_exit_pooler). config_overrides replace config.json fields (e.g. num_labels)."""
+    def from_pretrained(cls, path, layout: str | None = None, exit_pooling: str | None = None, **config_overrides):
+        """A MultiExitBert saved by save_pretrained (layout, exit_pooling None = the saved ones), or any Hugging Face
+        BERT folder: then new exits, per-exit poolers copied from the checkpoint's pooler, classifiers fresh
+        (None = per_exit_pooler, cls). config_overrides replace config.json fields (e.g. num_labels)."""
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"no config.json in {path}")
         config = BertConfig.from_json_file(path / "config.json", **config_overrides)  # also checks the JSON
-        saved = json.loads((path / "config.json").read_text(encoding="utf-8")).get("exit_layout")
+        fields = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        saved = fields.get("exit_layout")
         if saved is not None and layout is not None and layout != saved:
             raise ValueError(f"{path} holds a {saved!r} multi-exit model, not {layout!r}")
-        model = cls(config, layout or saved or "per_exit_pooler")
+        saved_pooling = fields.get("exit_pooling", "cls" if saved else None)
+        if saved_pooling is not None and exit_pooling is not None and exit_pooling != saved_pooling:
+            raise ValueError(f"{path} holds a model whose exits read {saved_pooling!r}, not {exit_pooling!r}")
+        model = cls(config, layout or saved or "per_exit_pooler", exit_pooling or saved_pooling or "cls")
         state = convert.read_checkpoint(path)
         if saved is None:
             warnings.warn(f"{path} has no exits: new ones, classifiers initialised at random"
@@ -167,7 +183,7 @@ class MultiExitBert(BertForSequenceClassification):
         super().save_pretrained(path)
         config_file = Path(path) / "config.json"
         d = json.loads(config_file.read_text(encoding="utf-8"))
-        d["exit_layout"] = self.layout
+        d["exit_layout"], d["exit_pooling"] = self.layout, self.exit_pooling
         config_file.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -194,6 +210,14 @@ def cls_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     return x.index_select(0, layout.cu_seqlens[:-1])
 
 
+def mean_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Each sequence's mean over its tokens (batch, hidden) from packed rows (tokens, hidden)."""
+    lengths = layout.cu_seqlens.diff()
+    owner = torch.repeat_interleave(torch.arange(layout.batch, device=x.device), lengths, output_size=x.shape[0])
+    sums = x.new_zeros(layout.batch, x.shape[1]).index_add_(0, owner, x)
+    return sums / lengths[:, None].to(x.dtype)
+
+
 @torch.no_grad()
 def early_exit(model: MultiExitBert, input_ids, attention_mask=None, token_type_ids=None, *, criterion: str,
                threshold: float | None = None, patience: int | None = None,
@@ -218,7 +242,7 @@ def early_exit(model: MultiExitBert, input_ids, attention_mask=None, token_type_
     previous, streak = torch.full_like(rows, -1), torch.zeros_like(rows)  # patience: last argmax, agreeing run
     for i, (layer, head) in enumerate(zip(model.bert.encoder.layers, model.exit_heads())):
         x = layer(x, layout)
-        logits = model.classify(head, cls_rows(x, layout))
+        logits = model.classify(head, x, layout, final=i == depth - 1)
         lengths = layout.cu_seqlens.diff()
         if i < depth - 1:
             done, previous, streak = _leaves(criterion, limit, logits, previous, streak)
@@ -335,7 +359,7 @@ def _serve_pools(model, requests, batch_size, criterion, limit):
         layout = Layout(len(batch), max(lengths), cu_seqlens=cu_seqlens.to(device, non_blocking=True),
                         max_seqlen=max(lengths))
         x = layers[l](torch.cat([s.hidden for s in batch]), layout)
-        logits = model.classify(heads[l], cls_rows(x, layout))
+        logits = model.classify(heads[l], x, layout, final=l == len(layers) - 1)
         previous, streak = torch.stack([s.previous for s in batch]), torch.stack([s.streak for s in batch])
         if l < len(layers) - 1:
             done, previous, streak = _leaves(criterion, limit, logits, previous, streak)

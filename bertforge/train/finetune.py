@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bertforge.model import BertForSequenceClassification, MultiExitBert
+from bertforge.model.exits import EXIT_POOLINGS
 from bertforge.model.growth import unwrap
 
 from . import corpus, distributed
@@ -66,6 +67,7 @@ class FinetuneConfig(LoopSettings):
     temperature: float = 3.0
     kd_reduction: str = "mean"
     gradient_projection: bool = False
+    exit_pooling: str = "cls"  # what exits 1..L-1 read: "cls" (the papers) or "mean" of the layer's tokens
     projection_anchor: str = "exits"  # the official code's choice for SST-2-like tasks ("final" for MNLI/QQP)
     seed: int = 0
     out_dir: str = "runs/finetune"
@@ -81,7 +83,7 @@ class FinetuneConfig(LoopSettings):
     def problems(self) -> list[str]:
         found = super().problems()
         for name, allowed in (("recipe", RECIPES), ("kd_reduction", KD_REDUCTIONS),
-                              ("projection_anchor", ANCHORS)):
+                              ("projection_anchor", ANCHORS), ("exit_pooling", EXIT_POOLINGS)):
             if getattr(self, name) not in allowed:
                 found.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size"):
@@ -99,6 +101,8 @@ class FinetuneConfig(LoopSettings):
             found.append(f"temperature must be > 0, got {self.temperature}")
         if self.gradient_projection and self.recipe != "romebert":
             found.append("gradient_projection is part of the romebert recipe (--recipe romebert)")
+        if self.exit_pooling != "cls" and self.recipe == "final":
+            found.append("exit_pooling is for the multi-exit recipes (deebert, pabee, romebert)")
         if self.gradient_projection and self.grad_accum != 1:
             found.append("gradient_projection needs grad_accum 1: it separates one micro-batch's two gradients")
         if self.data is None and any(getattr(self, n) for n in ("dev_data", "test_data")):
@@ -277,7 +281,7 @@ def build_model(cfg: FinetuneConfig, checkpoint: Path, label_names: list[str]):
     if cfg.recipe == "final":
         return BertForSequenceClassification.from_pretrained(checkpoint, **labels)
     layout = "shared_pooler" if cfg.recipe == "pabee" else "per_exit_pooler"
-    return MultiExitBert.from_pretrained(checkpoint, layout=layout, **labels)
+    return MultiExitBert.from_pretrained(checkpoint, layout=layout, exit_pooling=cfg.exit_pooling, **labels)
 
 
 def build_trainer(cfg: FinetuneConfig, splits: dict) -> Trainer:

@@ -2,6 +2,7 @@
 exit rules against a per-sample reference, batched exits against one sample at a time, rows that leave, and the
 per-layer pools of a request stream against one request at a time."""
 
+import copy
 import itertools
 import math
 import warnings
@@ -104,6 +105,28 @@ def test_every_exit_matches_transformers_hidden_states_on_real_checkpoint(minilm
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_mean_pooling_exits_read_the_mean_of_real_tokens_and_the_final_exit_reads_cls(layout):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = MultiExitBert.from_pretrained(minilm_checkpoint(), num_labels=3, layout=layout,
+                                             exit_pooling="mean").eval()
+    ids, mask = news_batch(load_tokenizer(minilm_checkpoint()), 6)
+    theirs = transformers.BertModel.from_pretrained(minilm_checkpoint(), attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        hidden = theirs(ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+        for pooler, classifier in ours.exit_heads():
+            for p in (*pooler.parameters(), *classifier.parameters()):
+                p.normal_(0, 0.1 if p is pooler.dense.weight else 1.0)
+        got = ours(ids, mask).exit_logits
+    weights = mask[..., None].double()
+    for i, (z, h, (pool_w, pool_b, w, b)) in enumerate(zip(got, hidden, exit_parameters(ours))):
+        read = h[:, 0] if i == len(hidden) - 1 else ((h.double() * weights).sum(1) / weights.sum(1)).float()
+        expected = F.linear(torch.tanh(F.linear(read, pool_w, pool_b)), w, b)
+        err = relative_error(z, expected)
+        assert err <= 1e-5, f"exit {i + 1}: relative error {err:.1e}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_from_pretrained_new_exits_start_from_the_checkpoint_pooler(layout):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -125,9 +148,9 @@ def test_from_pretrained_new_exits_start_from_the_checkpoint_pooler(layout):
     assert all(not torch.equal(classifiers[0], c) for c in classifiers[1:]), "classifiers must be drawn apart"
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_save_load_round_trip_and_transformers_reads_the_final_exit(layout, tmp_path):
-    model = randomised(MultiExitBert(tiny_config(num_hidden_layers=3, num_labels=3), layout))
+@pytest.mark.parametrize("layout, exit_pooling", [("per_exit_pooler", "cls"), ("shared_pooler", "mean")])
+def test_save_load_round_trip_and_transformers_reads_the_final_exit(layout, exit_pooling, tmp_path):
+    model = randomised(MultiExitBert(tiny_config(num_hidden_layers=3, num_labels=3), layout, exit_pooling))
     ids, mask, types = ragged_batch(model.config.vocab_size, random_lengths(4, 13))
     model.save_pretrained(tmp_path)
     back = MultiExitBert.from_pretrained(tmp_path).eval()
@@ -135,13 +158,16 @@ def test_save_load_round_trip_and_transformers_reads_the_final_exit(layout, tmp_
     with torch.no_grad():
         ours, again = model(ids, mask, types), back(ids, mask, types)
         final = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-    assert back.layout == layout
+    assert (back.layout, back.exit_pooling) == (layout, exit_pooling)
     assert all(torch.equal(a, b) for a, b in zip(ours.exit_logits, again.exit_logits))
     assert type(theirs).__name__ == "BertForSequenceClassification"
     assert (final - ours.exit_logits[-1]).abs().max() <= 1e-5
     other = LAYOUTS[1 - LAYOUTS.index(layout)]
     with pytest.raises(ValueError, match=f"holds a '{layout}' multi-exit model, not '{other}'"):
         MultiExitBert.from_pretrained(tmp_path, layout=other)
+    other = "mean" if exit_pooling == "cls" else "cls"
+    with pytest.raises(ValueError, match=f"exits read '{exit_pooling}', not '{other}'"):
+        MultiExitBert.from_pretrained(tmp_path, exit_pooling=other)
 
 
 def test_final_exit_is_bert_for_sequence_classification_and_labels_give_its_loss():
@@ -260,13 +286,18 @@ def rule(criterion, limit):
 
 # Each criterion with the layout of the papers that use it (DeeBERT / RomeBERT: entropy; PABEE: patience).
 PAIRS = [("per_exit_pooler", "entropy"), ("per_exit_pooler", "confidence"), ("shared_pooler", "patience")]
+# ... and each once more with exits that read the mean of their layer's tokens.
+POOLED_PAIRS = [(layout, criterion, pooling) for layout, criterion in PAIRS for pooling in ("cls", "mean")]
 
 
-@pytest.mark.parametrize("layout, criterion", PAIRS)
+@pytest.mark.parametrize("layout, criterion, exit_pooling", POOLED_PAIRS)
 def test_batched_early_exit_matches_reference_and_one_sample_at_a_time_on_real_checkpoint(minilm, layout,
-                                                                                         criterion):
+                                                                                         criterion, exit_pooling):
     models, tokenizer = minilm
     model = models[layout]
+    if exit_pooling != model.exit_pooling:
+        model = copy.deepcopy(model)
+        model.exit_pooling = exit_pooling
     ids, mask = news_batch(tokenizer, 10, longest=24)
     for _ in range(20):  # patience: heads whose argmax at every exit is clear of float noise (< 1e-4)
         exit_logits = random_heads(model, ids, mask)
@@ -438,9 +469,9 @@ def test_bad_models_and_inputs_raise(tmp_path):
 # -- a stream of requests through per-layer pools ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout, criterion", PAIRS)
-def test_pooled_early_exit_matches_early_exit_one_request_at_a_time(layout, criterion):
-    model = MultiExitBert(tiny_config(num_hidden_layers=5, num_labels=3), layout).eval()
+@pytest.mark.parametrize("layout, criterion, exit_pooling", POOLED_PAIRS)
+def test_pooled_early_exit_matches_early_exit_one_request_at_a_time(layout, criterion, exit_pooling):
+    model = MultiExitBert(tiny_config(num_hidden_layers=5, num_labels=3), layout, exit_pooling).eval()
     lengths = random_lengths(30, 20)
     ids, mask, _ = ragged_batch(model.config.vocab_size, lengths)
     values = rule_values(random_heads(model, ids, mask), criterion)

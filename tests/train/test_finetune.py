@@ -144,16 +144,19 @@ def test_projection_removes_exactly_the_conflicting_component():
 # -- end to end -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe, projection", [("final", False), ("pabee", False), ("deebert", False),
-                                                ("romebert", False), ("romebert", True)])
-def test_each_recipe_trains_on_a_users_tsv(checkpoint, sentiment_tsv, tmp_path, recipe, projection):
-    finetune(run_config(checkpoint, sentiment_tsv, tmp_path, recipe=recipe, gradient_projection=projection))
+@pytest.mark.parametrize("recipe, projection, exit_pooling", [
+    ("final", False, "cls"), ("pabee", False, "cls"), ("deebert", False, "cls"), ("romebert", False, "cls"),
+    ("romebert", True, "mean")])
+def test_each_recipe_trains_on_a_users_tsv(checkpoint, sentiment_tsv, tmp_path, recipe, projection, exit_pooling):
+    finetune(run_config(checkpoint, sentiment_tsv, tmp_path, recipe=recipe, gradient_projection=projection,
+                        exit_pooling=exit_pooling))
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert len(evals[-1]["exit_accuracy"]) == (1 if recipe == "final" else 3)
     config = json.loads((tmp_path / "best" / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
     assert (tmp_path / "best" / "tokenizer.json").exists()
+    assert config.get("exit_pooling") == (None if recipe == "final" else exit_pooling)
 
 
 def test_romebert_with_projection_resumes_bit_for_bit(checkpoint, sentiment_tsv, tmp_path):
@@ -204,3 +207,8 @@ def test_bad_recipe_settings_are_refused(tmp_path):
     message = str(error.value.code)
     for expected in ["recipe must be one of", "gamma must be in [0, 1]", "gradient_projection is part of"]:
         assert expected in message, message
+    for argv, expected in [(["--exit_pooling", "max"], "exit_pooling must be one of ('cls', 'mean'), got 'max'"),
+                           (["--exit_pooling", "mean"], "exit_pooling is for the multi-exit recipes")]:
+        with pytest.raises(SystemExit) as error:
+            cli_main(["finetune", *argv, "--out_dir", str(tmp_path)])
+        assert expected in str(error.value.code)
