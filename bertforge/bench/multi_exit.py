@@ -12,6 +12,10 @@ speed against running all layers, batched, measured side by side.
    and the wall-clock of batched early exit (batch 32) over the test set, against the same model running all
    layers (its final classifier only) on the same batches, timed before and after each criterion's sweep in the
    same run; speed-up = mean time of all layers / time of early exit.
+4. Serving a stream (the test set in a shuffled order, as requests would come): sequences/s of all layers and of
+   shrinking-batch early exit, both on batches of 32 in arrival order, and of per-layer pools of 32
+   (pooled_early_exit), in one run, for each criterion at its fastest sweep setting within a point of all
+   layers' accuracy (the three early-exit ways give the same predictions).
 Writes results.json, results.md and plots (accuracy per exit, accuracy against speed-up) into --out.
 """
 
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bertforge.model import BertForSequenceClassification, BertModel, MultiExitBert, early_exit
+from bertforge.model import BertForSequenceClassification, BertModel, MultiExitBert, early_exit, pooled_early_exit
 from bertforge.train import corpus
 from bertforge.train.classification_data import classification_batches, rotten_tomatoes
 from bertforge.train.finetune import FinetuneConfig, finetune
@@ -64,14 +68,23 @@ def sanity_baselines(splits) -> dict:
     return results
 
 
-def train_recipes(out: Path, names, epochs: int, progress: bool) -> dict:
+def train_recipes(out: Path, names, epochs: int, exit_pooling: str, progress: bool, reuse: bool) -> dict:
+    """Fine-tune each recipe into out/runs/<name>; with reuse, a recipe whose run finished before is read back."""
     runs = {}
     for name in names:
-        cfg = FinetuneConfig(out_dir=str(out / "runs" / name), overwrite=True, epochs=epochs, progress=progress,
-                             **RECIPES[name])
+        folder = out / "runs" / name
+        record = folder / "bench.json"
+        if reuse and record.exists():
+            runs[name] = json.loads(record.read_text())
+            print(f"{name}: reused {record}", flush=True)
+            continue
+        pooling = {} if name == "final" else {"exit_pooling": exit_pooling}
+        cfg = FinetuneConfig(out_dir=str(folder), overwrite=True, epochs=epochs, progress=progress,
+                             **RECIPES[name], **pooling)
         summary = finetune(cfg)
         runs[name] = {"test_exit_accuracy": summary["test_exit_accuracy"], "train_seconds": summary["train_time"],
-                      "steps": summary["step"], "best": str(Path(cfg.out_dir) / "best")}
+                      "steps": summary["step"], "best": str(folder / "best")}
+        record.write_text(json.dumps(runs[name], indent=1))
         print(f"{name}: test accuracy per exit {np.round(summary['test_exit_accuracy'], 4).tolist()}, "
               f"{summary['train_time']:.0f} s of training", flush=True)
     return runs
@@ -113,6 +126,50 @@ def speed_sweep(model: MultiExitBert, batches, labels: torch.Tensor, criteria) -
     return results
 
 
+def chosen_rule(rows: list[dict], all_layers_accuracy: float) -> dict:
+    """The sweep row with the largest speed-up within one point of all layers' accuracy (else the most accurate)."""
+    close = [r for r in rows if r["accuracy"] >= all_layers_accuracy - 0.01]
+    return max(close, key=lambda r: r["speed_up"]) if close else max(rows, key=lambda r: r["accuracy"])
+
+
+def serving_throughput(model: MultiExitBert, stream, criterion: str, value) -> dict:
+    """Sequences/s and accuracy of all layers, shrinking-batch early exit and per-layer pools on one stream of
+    requests (`stream`: a LabelledData in arrival order), each way timed in turn on the same machine."""
+    tokenizer = load_tokenizer()
+    batches = list(classification_batches(stream, tokenizer, BATCH, 128))
+    requests = [b["input_ids"][0, :int(b["attention_mask"].sum())]  # one unpadded sequence each
+                for b in classification_batches(stream, tokenizer, 1, 128)]
+    labels = torch.tensor(stream.labels)
+    rule = {"patience": value} if criterion == "patience" else {"threshold": value}
+
+    def all_layers():
+        return torch.cat([BertForSequenceClassification.forward(model, b["input_ids"], b["attention_mask"],
+                                                                b["token_type_ids"], packing=b["packing"])
+                          .logits.argmax(-1) for b in batches])
+
+    def shrinking():
+        return torch.cat([early_exit(model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                     criterion=criterion, packing=b["packing"], **rule).predictions
+                          for b in batches])
+
+    def pools():
+        predictions = torch.empty_like(labels)
+        for index, prediction, _ in pooled_early_exit(model, iter(requests), BATCH, criterion=criterion, **rule):
+            predictions[index] = prediction
+        return predictions
+
+    results = {"criterion": criterion, "value": value, "requests": len(requests)}
+    with torch.no_grad():
+        all_layers()  # warm-up
+        for name, serve in (("all_layers", all_layers), ("shrinking_batch", shrinking), ("pools", pools)):
+            started = time.perf_counter()
+            predictions = serve()
+            seconds = time.perf_counter() - started
+            results[name] = {"sequences_per_s": len(requests) / seconds,
+                             "accuracy": float((predictions == labels).float().mean())}
+    return results
+
+
 def markdown(result: dict) -> str:
     lines = ["| baseline | test accuracy |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in result["baselines"].items()]
@@ -130,6 +187,15 @@ def markdown(result: dict) -> str:
         for criterion, rows in sweeps.items():
             lines += [f"| {criterion} | {r['value']} | {r['accuracy']:.4f} | {r['mean_exit_layer']:.2f} | "
                       f"{r['speed_up']:.2f}x |" for r in rows]
+    for name, servings in result.get("serving", {}).items():
+        lines += ["", f"{name}: serving the test set as a stream of requests, batch 32", "",
+                  "| criterion | value | all layers seq/s | shrinking batch seq/s | pools seq/s | accuracy "
+                  "(all / shrinking / pools) |", "|---|---|---|---|---|---|"]
+        for r in servings:
+            ways = [r[w] for w in ("all_layers", "shrinking_batch", "pools")]
+            lines.append(f"| {r['criterion']} | {r['value']} | " + " | ".join(f"{w['sequences_per_s']:.1f}"
+                                                                            for w in ways)
+                         + " | " + " / ".join(f"{w['accuracy']:.4f}" for w in ways) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +230,9 @@ def main(argv=None):
     parser.add_argument("--out", default="report/multi-exit")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {list(RECIPES)}")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--exit_pooling", default="mean", choices=["cls", "mean"],
+                        help="what the early exits read (mean: MiniLM's early [CLS] rows carry nothing)")
+    parser.add_argument("--reuse", action="store_true", help="read back recipes already trained into --out")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.recipes.split(",")]
@@ -174,18 +243,24 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     splits = rotten_tomatoes(seed=0)
-    result = {"threads": torch.get_num_threads(), "epochs": args.epochs, "baselines": sanity_baselines(splits)}
+    result = {"threads": torch.get_num_threads(), "epochs": args.epochs, "exit_pooling": args.exit_pooling,
+              "baselines": sanity_baselines(splits)}
     print(f"baselines: {result['baselines']}", flush=True)
-    result["runs"] = train_recipes(out, names, args.epochs, args.progress)
+    result["runs"] = train_recipes(out, names, args.epochs, args.exit_pooling, args.progress, args.reuse)
     tokenizer = load_tokenizer()
     batches = list(classification_batches(splits["test"], tokenizer, BATCH, 128))
     labels = torch.cat([b["labels"] for b in batches])
-    result["speed"] = {}
+    stream = splits["test"].subset(np.random.default_rng(0).permutation(len(splits["test"])))
+    result["speed"], result["serving"] = {}, {}
     for name in names:
         if name == "final":
             continue
         model = MultiExitBert.from_pretrained(result["runs"][name]["best"]).eval()
         result["speed"][name] = speed_sweep(model, batches, labels, list(SWEEPS))
+        final_accuracy = result["runs"][name]["test_exit_accuracy"][-1]
+        result["serving"][name] = [
+            serving_throughput(model, stream, criterion, chosen_rule(rows, final_accuracy)["value"])
+            for criterion, rows in result["speed"][name].items()]
         (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(result))

@@ -30,7 +30,13 @@ from bertforge.model.exits import EXIT_POOLINGS
 from bertforge.model.growth import unwrap
 
 from . import corpus, distributed
-from .classification_data import ClassificationBatches, classification_batches, load_labelled, rotten_tomatoes, split_off
+from .classification_data import (
+    ClassificationBatches,
+    classification_batches,
+    load_labelled,
+    rotten_tomatoes,
+    split_off,
+)
 from .loop import ConfigError, LoopSettings, Trainer, linear_warmup_decay
 from .pretrain import build_optimizer
 from .run_folder import claim_run_folder
@@ -39,6 +45,7 @@ from .tokenizer import load_tokenizer
 RECIPES = ("final", "deebert", "pabee", "romebert")
 KD_REDUCTIONS = ("mean", "batchmean")
 ANCHORS = ("exits", "final")
+HEADS = ("classifier.", "exits.", "bert.pooler.")  # parameter names of the poolers and classifiers
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -58,6 +65,7 @@ class FinetuneConfig(LoopSettings):
     batch_size: int = 32
     max_seq_length: int = 128
     lr: float = 5e-5
+    head_lr: float | None = None  # learning rate of the poolers and classifiers (every exit's); None = lr
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -93,6 +101,8 @@ class FinetuneConfig(LoopSettings):
             found.append(f"max_seq_length must be in [8, 512], got {self.max_seq_length}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             found.append(f"lr must be > 0, got {self.lr}")
+        if self.head_lr is not None and not (self.head_lr > 0 and math.isfinite(self.head_lr)):
+            found.append(f"head_lr must be > 0, got {self.head_lr}")
         if not 0 <= self.warmup_ratio < 1:
             found.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.gamma <= 1:
@@ -296,7 +306,7 @@ def build_trainer(cfg: FinetuneConfig, splits: dict) -> Trainer:
     if cfg.steps is None:
         cfg.steps = stages * stage_steps
     model = build_model(cfg, checkpoint, splits["train"].label_names).to(device)
-    optimizer = build_optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, cfg, device, cfg.head_lr, is_head=lambda name: name.startswith(HEADS))
     warmup = round(cfg.warmup_ratio * stage_steps)
     schedule = linear_warmup_decay(warmup, stage_steps)  # deebert's second stage restarts it, as a new run would
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step % stage_steps))

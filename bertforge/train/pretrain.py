@@ -168,14 +168,17 @@ def model_config(cfg: PretrainConfig, vocab_size: int, layers: int) -> BertConfi
                       max_position_embeddings=max(512, cfg.max_seq_length))
 
 
-def build_optimizer(model, cfg: PretrainConfig, device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, LayerNorm or embeddings' norm), fused on GPU."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(model, cfg: PretrainConfig, device, head_lr: float | None = None,
+                    is_head=lambda name: False) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, LayerNorm or embeddings' norm), fused on GPU; with
+    head_lr, the parameters is_head(name) picks learn at that rate instead of cfg.lr."""
+    groups = {(decay, head): [] for head in (False, True) for decay in (True, False)}
+    for name, p in model.named_parameters():
+        groups[p.dim() >= 2, head_lr is not None and is_head(name)].append(p)
+    settings = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+                 **({"lr": head_lr} if head else {})} for (decay, head), params in groups.items() if params or not head]
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, **fast)
+    return torch.optim.AdamW(settings, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, **fast)
 
 
 def heldout_loss(shards, cfg: PretrainConfig, device):

@@ -17,7 +17,9 @@ from bertforge.train.cli import main as cli_main
 from bertforge.train.finetune import (
     ExitRecipe,
     FinetuneConfig,
+    build_trainer,
     finetune,
+    load_splits,
     pabee_loss,
     project_conflicting,
     projected_parameters,
@@ -157,6 +159,19 @@ def test_each_recipe_trains_on_a_users_tsv(checkpoint, sentiment_tsv, tmp_path, 
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
     assert (tmp_path / "best" / "tokenizer.json").exists()
     assert config.get("exit_pooling") == (None if recipe == "final" else exit_pooling)
+
+
+def test_head_lr_moves_the_poolers_and_classifiers_at_their_own_rate(checkpoint, sentiment_tsv, tmp_path):
+    cfg = run_config(checkpoint, sentiment_tsv, tmp_path, recipe="romebert", lr=1e-7, head_lr=1e-2, steps=1,
+                     warmup_ratio=0.0, eval_interval=0)
+    before = {n: p.detach().clone() for n, p in build_trainer(cfg, load_splits(cfg)).model.named_parameters()}
+    after = final_parameters(finetune(cfg))
+    moved = {n: float((after[n] - before[n]).abs().max()) for n in before}
+    heads = {n for n in moved if n.startswith(("classifier.", "exits.", "bert.pooler."))}
+    assert any(n.startswith("exits.") and "pooler" in n for n in heads) and "bert.pooler.dense.weight" in heads
+    # Adam's first step moves each parameter by about its learning rate.
+    assert all(5e-3 < moved[n] < 1.5e-2 for n in heads), {n: moved[n] for n in heads}
+    assert all(moved[n] < 2e-7 for n in set(moved) - heads), max(moved[n] for n in set(moved) - heads)
 
 
 def test_romebert_with_projection_resumes_bit_for_bit(checkpoint, sentiment_tsv, tmp_path):
