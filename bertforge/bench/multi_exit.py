@@ -68,7 +68,8 @@ def sanity_baselines(splits) -> dict:
     return results
 
 
-def train_recipes(out: Path, names, epochs: int, exit_pooling: str, progress: bool, reuse: bool) -> dict:
+def train_recipes(out: Path, names, epochs: int, exit_pooling: str, head_lr: float, progress: bool,
+                  reuse: bool) -> dict:
     """Fine-tune each recipe into out/runs/<name>; with reuse, a recipe whose run finished before is read back."""
     runs = {}
     for name in names:
@@ -79,7 +80,7 @@ def train_recipes(out: Path, names, epochs: int, exit_pooling: str, progress: bo
             print(f"{name}: reused {record}", flush=True)
             continue
         pooling = {} if name == "final" else {"exit_pooling": exit_pooling}
-        cfg = FinetuneConfig(out_dir=str(folder), overwrite=True, epochs=epochs, progress=progress,
+        cfg = FinetuneConfig(out_dir=str(folder), overwrite=True, epochs=epochs, head_lr=head_lr, progress=progress,
                              **RECIPES[name], **pooling)
         summary = finetune(cfg)
         runs[name] = {"test_exit_accuracy": summary["test_exit_accuracy"], "train_seconds": summary["train_time"],
@@ -232,6 +233,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--exit_pooling", default="mean", choices=["cls", "mean"],
                         help="what the early exits read (mean: MiniLM's early [CLS] rows carry nothing)")
+    parser.add_argument("--head_lr", type=float, default=1e-3,
+                        help="learning rate of the poolers and classifiers (MiniLM's pooler is nearly untrained)")
     parser.add_argument("--reuse", action="store_true", help="read back recipes already trained into --out")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
@@ -244,9 +247,11 @@ def main(argv=None):
     torch.manual_seed(0)
     splits = rotten_tomatoes(seed=0)
     result = {"threads": torch.get_num_threads(), "epochs": args.epochs, "exit_pooling": args.exit_pooling,
+              "head_lr": args.head_lr,
               "baselines": sanity_baselines(splits)}
     print(f"baselines: {result['baselines']}", flush=True)
-    result["runs"] = train_recipes(out, names, args.epochs, args.exit_pooling, args.progress, args.reuse)
+    result["runs"] = train_recipes(out, names, args.epochs, args.exit_pooling, args.head_lr, args.progress,
+                                   args.reuse)
     tokenizer = load_tokenizer()
     batches = list(classification_batches(splits["test"], tokenizer, BATCH, 128))
     labels = torch.cat([b["labels"] for b in batches])
