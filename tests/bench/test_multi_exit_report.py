@@ -19,7 +19,8 @@ def test_chosen_rule_is_the_fastest_within_a_point_else_the_most_accurate():
 
 
 @pytest.mark.parametrize("criterion, value", [("entropy", 0.6), ("patience", 1)])
-def test_serving_a_stream_three_ways_gives_one_accuracy_and_a_table(reference_kernels, criterion, value):
+def test_serving_a_stream_three_ways_gives_one_accuracy_a_table_and_a_plot(reference_kernels, criterion, value,
+                                                                          tmp_path):
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                         intermediate_size=48, max_position_embeddings=128, num_labels=2)
     model = MultiExitBert(config, exit_pooling="mean").eval()
@@ -38,3 +39,5 @@ def test_serving_a_stream_three_ways_gives_one_accuracy_and_a_table(reference_ke
                                                                   "train_seconds": 1.0}},
                                  "speed": {}, "serving": {"m": [result]}})
     assert f"| {criterion} | {value} | {ways[0]['sequences_per_s']:.1f} |" in table
+    multi_exit.plot_serving({"serving": {"m": [result]}}, tmp_path / "serving.png")
+    assert (tmp_path / "serving.png").stat().st_size > 10_000
