@@ -31,5 +31,5 @@ setup(
         "bench": ["scikit-learn"],  # the sanity baselines of the multi-exit benchmark
         "datasets": ["datasets"],  # fine-tuning data from a `save_to_disk` folder or a Parquet file
     },
-    entry_points={"console_scripts": ["bertforge=bertforge.train.cli:main"]},
+    entry_points={"console_scripts": ["bertforge=bertforge.cli:main"]},
 )

@@ -55,7 +55,8 @@ def _converter(field: dataclasses.Field):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bertforge", description="Fast BERT training on fused Triton kernels.")
+    parser = argparse.ArgumentParser(prog="bertforge", description="Fast BERT training on fused Triton kernels.",
+                                     epilog="bertforge bench -h: the benchmarks, one command and one report")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (config_class, run) in COMMANDS.items():
         sub = commands.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0])

@@ -1,0 +1,61 @@
+"""`bertforge bench`: a real (small) run through pytest-benchmark writes its report and plot, --compare finds a
+slower case and not a repeated one, and a user's mistakes end in one line."""
+
+import copy
+import json
+
+import pytest
+
+from bertforge.bench import command
+from bertforge.cli import main
+
+
+def test_a_model_run_writes_results_report_and_plot_then_compares(tmp_path, capfd):
+    out = tmp_path / "run"
+    assert main(["bench", "model", "--out", str(out), "--", "-k", "test_mlm_train_step and not compile"]) == 0
+    printed = capfd.readouterr().out
+    assert "bertforge bench model: 2 cases, about" in printed and "PASSED" in printed
+    run = json.loads((out / "benchmark.json").read_text())
+    medians = {b["extra_info"]["provider"]: b["stats"]["median"] for b in run["benchmarks"]}
+    assert set(medians) == {"bertforge", "transformers-sdpa"}
+    report = (out / "report.md").read_text()
+    assert f"| transformers-sdpa | {medians['transformers-sdpa'] * 1e3:.2f} |" in report
+    assert f"{medians['transformers-sdpa'] / medians['bertforge']:.2f}x" in report
+    assert (out / "speedups.png").stat().st_size > 10_000
+
+    # The run against itself: nothing slower. A copy with one case twice as slow: that case, and exit status 1.
+    assert main(["bench", "--compare", str(out / "benchmark.json"), "--against", str(out / "benchmark.json"),
+                 "--out", str(tmp_path / "same")]) == 0
+    assert "within spread" in (tmp_path / "same" / "compare.md").read_text()
+    slower = copy.deepcopy(run)
+    case = slower["benchmarks"][0]
+    for key in ("min", "max", "mean", "median"):
+        case["stats"][key] *= 2.5
+    (tmp_path / "slower.json").write_text(json.dumps(slower))
+    assert main(["bench", "--compare", str(out / "benchmark.json"), "--against", str(tmp_path / "slower.json"),
+                 "--out", str(tmp_path / "cmp")]) == 1
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    first_row = table.splitlines()[2]
+    assert case["fullname"] in first_row and "2.500x" in first_row and "slower" in first_row
+
+
+def test_estimate_uses_an_earlier_run_of_the_same_cases():
+    earlier = {"benchmarks": [{"fullname": "bertforge/bench/bench_model.py::test_x[a]",
+                               "stats": {"total": 3.0, "mean": 0.5}}]}
+    seconds, how = command.estimate_s(["bench_model.py::test_x[a]", "bench_model.py::test_x[b]"], earlier)
+    assert seconds == 3.5 + command.GUESS_S["bench_model.py"] and how.startswith("1 of 2 cases")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["nope"], "unknown suite 'nope'"),
+    (["--compare", "{missing}"], "cannot read benchmark results"),
+    (["--compare", "{not_bench}", "--against", "{not_bench}"], "is not a pytest-benchmark JSON file"),
+    (["--against", "{not_bench}"], "--against needs --compare"),
+])
+def test_mistakes_end_in_one_line(tmp_path, argv, expected):
+    (tmp_path / "other.json").write_text('{"steps": 3}')
+    names = {"missing": str(tmp_path / "none.json"), "not_bench": str(tmp_path / "other.json")}
+    with pytest.raises(SystemExit) as error:
+        main(["bench", *[a.format(**names) for a in argv], "--out", str(tmp_path / "out")])
+    message = str(error.value.code)
+    assert message.startswith("bertforge bench: ") and expected in message and "\n" not in message
