@@ -4,12 +4,16 @@
 
 Both models: hidden 128, 8 layers, 2 heads, FFN 512, vocab 30522, 512 positions, dropout 0.1, train mode,
 fp32, the same initial weights (bertforge's init, saved and loaded by both), the same batch
-(`news_mlm_batch`: 32 real news paragraphs, max length 128, 15% of real tokens masked, padded to the batch
-max), the same AdamW (fused), the same threads. transformers runs `BertForMaskedLM` with
+(`news_mlm_batch`, 15% of real tokens masked, padded to the batch max) in three length profiles: 32 real news
+paragraphs as they come (up to 128 tokens), 32 rows of uniform random lengths in [42, 128], and 32 full 128-token
+rows, where padding saves nothing; the same AdamW (fused), the same threads. transformers runs `BertForMaskedLM` with
 attn_implementation="sdpa", its fastest CPU attention. Cases with "-compile" wrap the model in
 torch.compile (they run only with --benchmark-enable: compiling takes minutes). Each case names itself in
 extra_info["provider"]; the suite's report prints every case's time as a ratio to bertforge's, measured in
 the same run. CPU cases run on bertforge's plain-PyTorch kernels (what bertforge runs on a CPU).
+extra_info["GFLOP/s"] counts the work bertforge does (real tokens only, the MLM head at the labelled positions;
+backward = 2x forward) for every provider, so it is comparable across them; a torch.mm case measures the CPU's fp32
+matmul ceiling in the same run.
 
 On a shared machine, OpenMP threads stall whenever another process holds a core; pin the threads
 (`OMP_NUM_THREADS=1`) for stable ratios.
@@ -26,6 +30,8 @@ transformers = pytest.importorskip("transformers")
 
 GROUP = "mlm-train-step-cpu"
 CASES = ["bertforge", "transformers-sdpa", "bertforge-compile", "transformers-sdpa-compile"]
+LENGTH_PROFILES = ["corpus", "uniform", "full"]
+CEILING_N = 2048
 CONFIG = dict(vocab_size=30522, hidden_size=128, num_hidden_layers=8, num_attention_heads=2, intermediate_size=512,
               max_position_embeddings=512)
 ROUNDS = 5
@@ -34,14 +40,27 @@ ROUNDS = 5
 pytestmark = pytest.mark.usefixtures("cpu_reference_kernels")
 
 
-@pytest.fixture(scope="module")
-def batch():
-    return news_mlm_batch(batch_size=32, max_length=128, mask_fraction=0.15, seed=0)
+@pytest.fixture(scope="module", params=LENGTH_PROFILES)
+def batch(request):
+    return request.param, news_mlm_batch(batch_size=32, max_length=128, mask_fraction=0.15, seed=0,
+                                         lengths=request.param)
+
+
+def useful_flops(config: dict, attention_mask, labels) -> int:
+    """FLOPs of one training step on the real tokens: per layer 2 (4 h^2 + 2 h ffn) per token for the projections
+    and 4 h sum_b L_b^2 for attention, the MLM head (transform + decoder) at the labelled positions; x3 for the
+    backward."""
+    h, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    lengths = attention_mask.sum(1).long()
+    per_layer = 2 * (4 * h * h + 2 * h * ffn) * int(lengths.sum()) + 4 * h * int((lengths ** 2).sum())
+    head = 2 * (h * h + h * vocab) * int((labels != IGNORE_INDEX).sum())
+    return 3 * (config["num_hidden_layers"] * per_layer + head)
 
 
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory, batch):
     """Initial weights shared by every case; checks once that both libraries compute the same loss from them."""
+    _, batch = batch
     path = tmp_path_factory.mktemp("bench-mlm-weights")
     BertForMaskedLM(BertConfig(**CONFIG)).save_pretrained(path)
     with torch.no_grad():
@@ -67,11 +86,25 @@ def build(case, weights_dir):
 def test_mlm_train_step(benchmark, case, batch, weights_dir):
     if case.endswith("-compile") and benchmark.disabled:
         pytest.skip("torch.compile cases compile for minutes; they run with --benchmark-enable")
+    profile, batch = batch
     model, optimizer = build(case, weights_dir)
     mask = batch["attention_mask"]
-    benchmark.group = GROUP
+    benchmark.group = f"{GROUP} {profile} lengths"
     benchmark.extra_info.update(provider=case, threads=torch.get_num_threads(), batch_shape=list(mask.shape),
                                 real_tokens=int(mask.sum()), labelled_tokens=int((batch["labels"] != IGNORE_INDEX).sum()))
     warmup = 2 if case.endswith("-compile") else 1  # the first steps compile and allocate AdamW state
     loss = benchmark.pedantic(train_step, args=(model, optimizer, batch), rounds=ROUNDS, warmup_rounds=warmup)
     assert torch.isfinite(loss)
+    if benchmark.stats:  # None under --benchmark-disable
+        flops = useful_flops(CONFIG, mask, batch["labels"])
+        benchmark.extra_info["GFLOP/s"] = flops / benchmark.stats.stats.median / 1e9
+
+
+def test_fp32_matmul_ceiling(benchmark):
+    """The CPU's fp32 matmul rate (a square torch.mm), the ceiling the full-rows step is measured against."""
+    a, b = torch.randn(CEILING_N, CEILING_N), torch.randn(CEILING_N, CEILING_N)
+    benchmark.group = "fp32-matmul-ceiling-cpu"
+    benchmark.extra_info.update(provider=f"torch.mm {CEILING_N}", threads=torch.get_num_threads())
+    benchmark.pedantic(torch.mm, args=(a, b), rounds=ROUNDS, warmup_rounds=1)
+    if benchmark.stats:
+        benchmark.extra_info["GFLOP/s"] = 2 * CEILING_N ** 3 / benchmark.stats.stats.median / 1e9

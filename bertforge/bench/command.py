@@ -112,6 +112,16 @@ def report_markdown(run: dict) -> str:
             lines.append(f"| {provider(b)} | {b['stats']['median'] * 1e3:.2f} | ±{100 * spread(b) / 2:.1f}% | "
                          f"{ratio} | {throughput} |")
         lines.append("")
+    ceiling = next((b for b in run["benchmarks"] if (b.get("group") or "").startswith("fp32-matmul-ceiling")
+                    and "GFLOP/s" in b.get("extra_info", {})), None)
+    if ceiling:
+        top = ceiling["extra_info"]["GFLOP/s"]
+        lines += [f"### Fraction of the measured fp32 matmul ceiling ({top:.1f} GFLOP/s, {provider(ceiling)})", "",
+                  "| group | provider | GFLOP/s | fraction |", "|---|---|---|---|"]
+        lines += [f"| {b.get('group')} | {provider(b)} | {b['extra_info']['GFLOP/s']:.1f} | "
+                  f"{b['extra_info']['GFLOP/s'] / top:.2f} |" for b in run["benchmarks"]
+                  if b is not ceiling and "GFLOP/s" in b.get("extra_info", {})]
+        lines.append("")
     return "\n".join(lines)
 
 

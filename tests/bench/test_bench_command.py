@@ -12,16 +12,19 @@ from bertforge.cli import main
 
 def test_a_model_run_writes_results_report_and_plot_then_compares(tmp_path, capfd):
     out = tmp_path / "run"
-    assert main(["bench", "model", "--out", str(out), "--", "-k", "test_mlm_train_step and not compile"]) == 0
+    cases = "(test_mlm_train_step and corpus and not compile) or ceiling"
+    assert main(["bench", "model", "--out", str(out), "--", "-k", cases]) == 0
     printed = capfd.readouterr().out
-    assert "bertforge bench model: 2 cases, about" in printed and "PASSED" in printed
+    assert "bertforge bench model: 3 cases, about" in printed and "PASSED" in printed
     run = json.loads((out / "benchmark.json").read_text())
     medians = {b["extra_info"]["provider"]: b["stats"]["median"] for b in run["benchmarks"]}
-    assert set(medians) == {"bertforge", "transformers-sdpa"}
+    assert set(medians) == {"bertforge", "transformers-sdpa", "torch.mm 2048"}
     report = (out / "report.md").read_text()
     assert f"| transformers-sdpa | {medians['transformers-sdpa'] * 1e3:.2f} |" in report
     assert f"{medians['transformers-sdpa'] / medians['bertforge']:.2f}x" in report
     assert (out / "speedups.png").stat().st_size > 10_000
+    gflops = {b["extra_info"]["provider"]: b["extra_info"]["GFLOP/s"] for b in run["benchmarks"]}
+    assert f"| bertforge | {gflops['bertforge']:.1f} | {gflops['bertforge'] / gflops['torch.mm 2048']:.2f} |" in report
 
     # The run against itself: nothing slower. A copy with one case twice as slow: that case, and exit status 1.
     assert main(["bench", "--compare", str(out / "benchmark.json"), "--against", str(out / "benchmark.json"),
