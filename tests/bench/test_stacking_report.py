@@ -34,7 +34,7 @@ def test_tiny_run_writes_numbers_table_and_plot(tmp_path, monkeypatch, reference
                           stages=plans)
 
     saved = json.loads((tmp_path / "report" / "stacking.json").read_text())
-    names = {"from scratch"} | {f"stacking {plan}" for plan in plans}
+    names = {"from scratch", "shallow only"} | {f"stacking {plan}" for plan in plans}
     assert saved["target_loss"] == result["curves"]["from scratch"][-1][1]
     assert saved["time_to_target_s"]["from scratch"] == pytest.approx(result["total_train_time_s"]["from scratch"])
     assert set(saved["loss_at_equal_budget"]) == names and set(saved["speedup_to_target"]) == names - {"from scratch"}
@@ -43,8 +43,20 @@ def test_tiny_run_writes_numbers_table_and_plot(tmp_path, monkeypatch, reference
         expected = None if reached is None else saved["time_to_target_s"]["from scratch"] / reached
         assert saved["speedup_to_target"][f"stacking {plan}"] == pytest.approx(expected)
         assert saved["configs"][f"stacking {plan}"]["stages"] == plan
+    shallow = saved["configs"]["shallow only"]
+    assert (shallow["stages"], shallow["num_layers"], shallow["steps"]) == (None, 1, 24)  # first stage's depth
     for name in names:  # an evaluation before the first step, then every 6 steps up to the 24th
         assert saved["eval_steps"][name] == [0, 6, 12, 18, 24] and len(saved["curves"][name]) == 5
     assert (tmp_path / "report" / "stacking.png").stat().st_size > 10_000
     table = (tmp_path / "report" / "stacking.md").read_text()
     assert "time to target" in table and all(plan in table for plan in plans)
+    assert saved["verdict"] in table
+
+
+@pytest.mark.parametrize("shallow, expected", [(90.0, "not stacking, buy the time"), (150.0, "control takes 150 s"),
+                                               (None, "control never reaches it")])
+def test_verdict_says_whether_stacking_beats_the_shallow_control(shallow, expected):
+    result = {"time_to_target_s": {"from scratch": 300.0, "stacking 2:5,4:5": 120.0, "stacking 2:2,4:8": None,
+                                   "shallow only": shallow}}
+    sentence = stacking.verdict(result)
+    assert expected in sentence and "stacking 2:5,4:5" in sentence
