@@ -9,7 +9,10 @@ One pytest-benchmark group per case (op, pass, dtype, model, shape, layout) hold
 the end of the run prints each provider's time as a ratio to bertforge's. Every provider's forward output is
 first checked against the reference, so a ratio never compares different computations.
 Throughput in extra_info: attention in TFLOP/s of useful work (real tokens only: 4*H*D*sum_b L_b^2 forward,
-x3.5 for forward+backward); layer norm and GELU in GB/s of interface bytes (see `_interface_bytes`).
+x3.5 for forward+backward); layer norm and GELU in GB/s of interface bytes (see `_interface_bytes`); each also as a
+fraction of the device's data-sheet peak (PEAKS) when the device is known. Two ceiling cases measure what the
+device really reaches in the same run (a large bf16 matmul, a device-to-device copy); `bertforge bench` reports
+every figure against them.
 """
 
 import dataclasses
@@ -34,6 +37,23 @@ LAYOUTS = ("dense", "padded", "varlen")  # no padding; key_padding_mask; packed 
 # provider computes the same thing, not a precision claim (tests/kernels holds those).
 SAME_RESULT = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
 WARMUP_CALLS = 3  # untimed: Triton autotuning, torch.compile, library heuristics happen here
+
+
+# Data-sheet peaks, dense (no sparsity): (bf16/fp16 tensor-core TFLOP/s, memory GB/s), by device name; the first
+# key found in torch.cuda.get_device_name() wins, so specific names come first.
+PEAKS = {"A100-SXM4-80GB": (312, 2039), "A100-SXM4-40GB": (312, 1555), "A100 80GB PCIe": (312, 1935),
+         "A100-PCIE-40GB": (312, 1555), "H100 80GB HBM3": (989, 3350), "H100 PCIe": (756, 2000),
+         "H100 NVL": (835, 3900), "H200": (989, 4800)}
+
+
+def device_peak(name: str) -> tuple[float, float] | None:
+    return next((peak for key, peak in PEAKS.items() if key in name), None)
+
+
+def _with_peak_fraction(extra_info: dict, unit: str):
+    peak = device_peak(torch.cuda.get_device_name())
+    if peak is not None and unit in ("TFLOP/s", "GB/s"):
+        extra_info["fraction_of_peak"] = extra_info[unit] / peak[0 if unit == "TFLOP/s" else 1]
 
 
 def _compiled(fn):
@@ -72,6 +92,47 @@ def check_and_time(benchmark, group, provider, fn, inputs, backward, expected, t
         amount, unit, scale, counted = throughput
         benchmark.extra_info[unit] = amount / benchmark.stats.stats.median / scale
         benchmark.extra_info["counted"] = counted
+        _with_peak_fraction(benchmark.extra_info, unit)
+
+
+# --- what the device reaches: the ceilings every figure is measured against ------------------------------------
+
+CEILING_MATMUL_N = 8192
+CEILING_COPY_BYTES = 1 << 30
+
+
+def test_ceiling_bf16_matmul(benchmark, cuda_device):
+    a, b = (torch.randn(CEILING_MATMUL_N, CEILING_MATMUL_N, device=cuda_device, dtype=torch.bfloat16)
+            for _ in range(2))
+    benchmark.group = "ceiling bf16 matmul"
+    benchmark.extra_info.update(provider=f"torch.mm {CEILING_MATMUL_N}", ceiling=True)
+
+    def step():
+        torch.mm(a, b)
+        torch.cuda.synchronize()
+
+    step()
+    benchmark(step)
+    if benchmark.stats:
+        benchmark.extra_info["TFLOP/s"] = 2 * CEILING_MATMUL_N ** 3 / benchmark.stats.stats.median / 1e12
+        _with_peak_fraction(benchmark.extra_info, "TFLOP/s")
+
+
+def test_ceiling_device_copy(benchmark, cuda_device):
+    source = torch.empty(CEILING_COPY_BYTES, dtype=torch.uint8, device=cuda_device)
+    target = torch.empty_like(source)
+    benchmark.group = "ceiling device copy"
+    benchmark.extra_info.update(provider="copy 1 GiB", ceiling=True)
+
+    def step():
+        target.copy_(source)
+        torch.cuda.synchronize()
+
+    step()
+    benchmark(step)
+    if benchmark.stats:  # read once and written once
+        benchmark.extra_info["GB/s"] = 2 * CEILING_COPY_BYTES / benchmark.stats.stats.median / 1e9
+        _with_peak_fraction(benchmark.extra_info, "GB/s")
 
 
 # --- attention --------------------------------------------------------------------------------------------------

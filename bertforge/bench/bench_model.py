@@ -104,7 +104,7 @@ def test_fp32_matmul_ceiling(benchmark):
     """The CPU's fp32 matmul rate (a square torch.mm), the ceiling the full-rows step is measured against."""
     a, b = torch.randn(CEILING_N, CEILING_N), torch.randn(CEILING_N, CEILING_N)
     benchmark.group = "fp32-matmul-ceiling-cpu"
-    benchmark.extra_info.update(provider=f"torch.mm {CEILING_N}", threads=torch.get_num_threads())
+    benchmark.extra_info.update(provider=f"torch.mm {CEILING_N}", threads=torch.get_num_threads(), ceiling=True)
     benchmark.pedantic(torch.mm, args=(a, b), rounds=ROUNDS, warmup_rounds=1)
     if benchmark.stats:
         benchmark.extra_info["GFLOP/s"] = 2 * CEILING_N ** 3 / benchmark.stats.stats.median / 1e9

@@ -109,18 +109,22 @@ def report_markdown(run: dict) -> str:
             ratio = f"{b['stats']['median'] / base['stats']['median']:.2f}x" if base else "-"
             info = b.get("extra_info", {})
             throughput = ", ".join(f"{info[k]:.1f} {k}" for k in THROUGHPUT_KEYS if k in info)
+            if "fraction_of_peak" in info:
+                throughput += f" ({100 * info['fraction_of_peak']:.0f}% of the data-sheet peak)"
             lines.append(f"| {provider(b)} | {b['stats']['median'] * 1e3:.2f} | ±{100 * spread(b) / 2:.1f}% | "
                          f"{ratio} | {throughput} |")
         lines.append("")
-    ceiling = next((b for b in run["benchmarks"] if (b.get("group") or "").startswith("fp32-matmul-ceiling")
-                    and "GFLOP/s" in b.get("extra_info", {})), None)
-    if ceiling:
-        top = ceiling["extra_info"]["GFLOP/s"]
-        lines += [f"### Fraction of the measured fp32 matmul ceiling ({top:.1f} GFLOP/s, {provider(ceiling)})", "",
-                  "| group | provider | GFLOP/s | fraction |", "|---|---|---|---|"]
-        lines += [f"| {b.get('group')} | {provider(b)} | {b['extra_info']['GFLOP/s']:.1f} | "
-                  f"{b['extra_info']['GFLOP/s'] / top:.2f} |" for b in run["benchmarks"]
-                  if b is not ceiling and "GFLOP/s" in b.get("extra_info", {})]
+    for unit in ("GFLOP/s", "TFLOP/s", "GB/s"):  # against the ceilings measured in the same run
+        ceiling = next((b for b in run["benchmarks"] if b.get("extra_info", {}).get("ceiling")
+                        and unit in b["extra_info"]), None)
+        if ceiling is None:
+            continue
+        top = ceiling["extra_info"][unit]
+        lines += [f"### Fraction of the measured ceiling: {top:.1f} {unit} ({provider(ceiling)})", "",
+                  f"| group | provider | {unit} | fraction |", "|---|---|---|---|"]
+        lines += [f"| {b.get('group')} | {provider(b)} | {b['extra_info'][unit]:.1f} | "
+                  f"{b['extra_info'][unit] / top:.2f} |" for b in run["benchmarks"]
+                  if b is not ceiling and unit in b.get("extra_info", {})]
         lines.append("")
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""The model benchmark's FLOP count against PyTorch's own FLOP counter, and its batches' length profiles."""
+"""The model benchmark's FLOP count against PyTorch's own FLOP counter, its batches' length profiles, and the
+kernel benchmark's lookup of device peaks."""
 
 import pytest
 import torch
@@ -32,3 +33,12 @@ def test_length_profiles(lengths):
         assert int(real.min()) >= 16 and len(set(real.tolist())) > 4
     last = batch["input_ids"][torch.arange(16), real - 1]
     assert bool((last == 102).all()), "every row ends with [SEP]"
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA A100-SXM4-80GB", (312, 2039)), ("NVIDIA A100 80GB PCIe", (312, 1935)),
+                                        ("NVIDIA H100 80GB HBM3", (989, 3350)), ("NVIDIA H200", (989, 4800)),
+                                        ("NVIDIA GeForce RTX 4090", None)])
+def test_device_peaks_are_found_by_name(name, peak):
+    from bertforge.bench.bench_kernels import device_peak
+
+    assert device_peak(name) == peak
