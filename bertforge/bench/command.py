@@ -20,9 +20,9 @@ from pathlib import Path
 from .ratios import BASELINE, THROUGHPUT_KEYS
 
 HERE = Path(__file__).parent
-SUITES = {"kernels": ["bench_kernels.py"], "model": ["bench_model.py", "bench_finetune.py"]}
+SUITES = {"kernels": ["bench_kernels.py"], "model": ["bench_model.py", "bench_finetune.py", "bench_model_gpu.py"]}
 # Seconds per case when no earlier run in --out says better: a rough guess for the estimate printed first.
-GUESS_S = {"bench_kernels.py": 5.0, "bench_model.py": 60.0, "bench_finetune.py": 40.0}
+GUESS_S = {"bench_kernels.py": 5.0, "bench_model.py": 60.0, "bench_finetune.py": 40.0, "bench_model_gpu.py": 30.0}
 
 
 class BenchError(ValueError):

@@ -6,7 +6,7 @@ are shown beside the times.
 """
 
 BASELINE = "bertforge"
-THROUGHPUT_KEYS = ("TFLOP/s", "GFLOP/s", "GB/s", "tokens/s")
+THROUGHPUT_KEYS = ("TFLOP/s", "GFLOP/s", "GB/s", "tokens/s", "sequences/s")
 
 
 def ratio_table(groups, baseline: str = BASELINE) -> str:
