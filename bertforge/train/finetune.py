@@ -213,16 +213,26 @@ class ExitRecipe:
 
 
 class BestModel:
-    """Hook: after each evaluation, write the model to <out_dir>/best when its dev accuracy is the best so far."""
+    """Hook: after each evaluation, write the model to <out_dir>/best when its dev accuracy is the best so far.
 
-    def __init__(self, out_dir: Path, tokenizer_source: Path):
+    DeeBERT's second stage (steps after `second_stage_after`) trains only the exits, the final one frozen: from its
+    first evaluation on, the best model is the one whose other exits do best on average, so that the saved model
+    holds trained exits."""
+
+    def __init__(self, out_dir: Path, tokenizer_source: Path, second_stage_after: int | None = None):
         self.folder, self.tokenizer_source = out_dir / "best", tokenizer_source
-        self.accuracy, self.step = -1.0, None
+        self.second_stage_after = second_stage_after
+        self.key, self.step = (0, -1.0), None  # (stage, score): any second-stage model beats every first-stage one
 
     def on_evaluate(self, trainer, metrics):
-        if metrics["accuracy"] <= self.accuracy:
+        if self.second_stage_after is not None and trainer.step > self.second_stage_after:
+            exits = metrics["exit_accuracy"][:-1]
+            key, selected_by = (1, sum(exits) / len(exits)), "mean accuracy of the exits before the last"
+        else:
+            key, selected_by = (0, metrics["accuracy"]), "accuracy"
+        if key <= self.key:
             return
-        self.accuracy, self.step = metrics["accuracy"], trainer.step
+        self.key, self.step = key, trainer.step
         staging = self.folder.with_name("best.partial")
         shutil.rmtree(staging, ignore_errors=True)
         unwrap(trainer.model).save_pretrained(staging)
@@ -231,13 +241,13 @@ class BestModel:
                 shutil.copy2(self.tokenizer_source / name, staging / name)
         shutil.rmtree(self.folder, ignore_errors=True)
         staging.rename(self.folder)
-        trainer.log(kind="best", accuracy=self.accuracy)
+        trainer.log(kind="best", accuracy=metrics["accuracy"], selected_by=selected_by, score=key[1])
 
     def state_dict(self):
-        return {"accuracy": self.accuracy, "step": self.step}
+        return {"key": list(self.key), "step": self.step}
 
     def load_state_dict(self, state):
-        self.accuracy, self.step = state["accuracy"], state["step"]
+        self.key, self.step = tuple(state["key"]), state["step"]
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------
@@ -312,7 +322,7 @@ def build_trainer(cfg: FinetuneConfig, splits: dict) -> Trainer:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step % stage_steps))
     dev = list(classification_batches(splits["dev"], tokenizer, cfg.batch_size, cfg.max_seq_length))
     hooks = [] if cfg.recipe == "final" else [ExitRecipe(cfg, stage_steps if stages == 2 else None)]
-    hooks.append(BestModel(Path(cfg.out_dir), checkpoint))
+    hooks.append(BestModel(Path(cfg.out_dir), checkpoint, stage_steps if stages == 2 else None))
     trainer = Trainer(model, optimizer, scheduler, batches, lambda m: classification_metrics(m, dev, device), cfg,
                       hooks=hooks, run_config=cfg.identity(), device=device)
     trainer.tokenizer = tokenizer

@@ -13,11 +13,13 @@ from tiny_runs import final_parameters
 
 from bertforge.model import BertConfig, BertForSequenceClassification, MultiExitBert
 from bertforge.train import corpus
+from bertforge.train.classification_data import classification_batches
 from bertforge.train.cli import main as cli_main
 from bertforge.train.finetune import (
     ExitRecipe,
     FinetuneConfig,
     build_trainer,
+    classification_metrics,
     finetune,
     load_splits,
     pabee_loss,
@@ -25,6 +27,7 @@ from bertforge.train.finetune import (
     projected_parameters,
     self_distillation_losses,
 )
+from bertforge.train.tokenizer import load_tokenizer
 
 GOOD, BAD = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
 FILLER = "the movie was a story of people and places with music and a long end".split()
@@ -195,6 +198,20 @@ def test_deebert_trains_the_exits_only_in_its_second_stage(checkpoint, sentiment
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(name.startswith("exits.") for name in changed), sorted(changed)[:5]
     assert {n for n in before if n.startswith("exits.")} == changed
+
+
+def test_deebert_keeps_the_best_model_of_its_second_stage(checkpoint, sentiment_tsv, tmp_path):
+    """Its second stage trains only the exits, so the final exit's accuracy cannot pick the model to keep."""
+    cfg = run_config(checkpoint, sentiment_tsv, tmp_path, recipe="deebert", eval_interval=4)
+    finetune(cfg)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    best = [r for r in records if r["kind"] == "best"][-1]
+    assert best["step"] > 9 and best["selected_by"] == "mean accuracy of the exits before the last"
+    evaluated = next(r for r in records if r["kind"] == "eval" and r["step"] == best["step"])
+    saved = MultiExitBert.from_pretrained(tmp_path / "best").eval()
+    dev = classification_batches(load_splits(cfg)["dev"], load_tokenizer(checkpoint), 16, 32)
+    with torch.no_grad():
+        assert classification_metrics(saved, dev, torch.device("cpu"))["exit_accuracy"] == evaluated["exit_accuracy"]
 
 
 def test_the_best_model_learns_and_loads_in_transformers_with_the_same_logits(checkpoint, sentiment_tsv, tmp_path):
