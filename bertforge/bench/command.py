@@ -2,7 +2,7 @@
 
     bertforge bench                      # all suites; GPU cases skip with their reason on a machine without one
     bertforge bench model --out report/bench
-    bertforge bench --compare report/bench/benchmark.json --out /tmp/new      # run, then compare with that run
+    bertforge bench --compare OLD.json --out runs/bench-new                   # run, then compare with that run
     bertforge bench --compare OLD.json --against NEW.json                     # compare two runs, run nothing
 
 Writes into --out: benchmark.json (pytest-benchmark's raw results), report.md (per group: each provider's median,

@@ -96,11 +96,25 @@ def _timed(fn, batches) -> tuple[float, list]:
     return time.perf_counter() - started, outputs
 
 
+def all_layers_predictions(model: MultiExitBert, b: dict) -> torch.Tensor:
+    """Every layer run, the final classifier only (BertForSequenceClassification's forward: no exits)."""
+    return BertForSequenceClassification.forward(model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                                 packing=b["packing"]).logits.argmax(-1)
+
+
+def rule_of(criterion: str, value) -> dict:
+    """early_exit's keyword arguments for one sweep setting."""
+    return {"criterion": criterion, ("patience" if criterion == "patience" else "threshold"): value}
+
+
+def early_exit_batch(model: MultiExitBert, b: dict, rule: dict):
+    return early_exit(model, b["input_ids"], b["attention_mask"], b["token_type_ids"], packing=b["packing"], **rule)
+
+
 def speed_sweep(model: MultiExitBert, batches, labels: torch.Tensor, criteria) -> dict:
     """Accuracy, mean exit layer and speed-up over all layers for each criterion and threshold."""
     def all_layers(b):
-        return BertForSequenceClassification.forward(model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                                     packing=b["packing"]).logits.argmax(-1)
+        return all_layers_predictions(model, b)
 
     results = {}
     with torch.no_grad():
@@ -109,13 +123,8 @@ def speed_sweep(model: MultiExitBert, batches, labels: torch.Tensor, criteria) -
             before, _ = _timed(all_layers, batches)  # timed before and after the sweep: the machine drifts
             rows = []
             for value in SWEEPS[criterion]:
-                rule = {"patience": value} if criterion == "patience" else {"threshold": value}
-
-                def exit_early(b):
-                    return early_exit(model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                      criterion=criterion, packing=b["packing"], **rule)
-
-                seconds, outs = _timed(exit_early, batches)
+                rule = rule_of(criterion, value)
+                seconds, outs = _timed(lambda b: early_exit_batch(model, b, rule), batches)
                 predictions = torch.cat([o.predictions for o in outs])
                 layers = torch.cat([o.exit_layers for o in outs]).float()
                 rows.append({"value": value, "accuracy": float((predictions == labels).float().mean()),
@@ -141,21 +150,17 @@ def serving_throughput(model: MultiExitBert, stream, criterion: str, value) -> d
     requests = [b["input_ids"][0, :int(b["attention_mask"].sum())]  # one unpadded sequence each
                 for b in classification_batches(stream, tokenizer, 1, 128)]
     labels = torch.tensor(stream.labels)
-    rule = {"patience": value} if criterion == "patience" else {"threshold": value}
+    rule = rule_of(criterion, value)
 
     def all_layers():
-        return torch.cat([BertForSequenceClassification.forward(model, b["input_ids"], b["attention_mask"],
-                                                                b["token_type_ids"], packing=b["packing"])
-                          .logits.argmax(-1) for b in batches])
+        return torch.cat([all_layers_predictions(model, b) for b in batches])
 
     def shrinking():
-        return torch.cat([early_exit(model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                     criterion=criterion, packing=b["packing"], **rule).predictions
-                          for b in batches])
+        return torch.cat([early_exit_batch(model, b, rule).predictions for b in batches])
 
     def pools():
         predictions = torch.empty_like(labels)
-        for index, prediction, _ in pooled_early_exit(model, iter(requests), BATCH, criterion=criterion, **rule):
+        for index, prediction, _ in pooled_early_exit(model, iter(requests), BATCH, **rule):
             predictions[index] = prediction
         return predictions
 
