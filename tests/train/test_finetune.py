@@ -73,6 +73,11 @@ def run_config(checkpoint, data, out_dir, **overrides):
     return FinetuneConfig(**values)
 
 
+def steps_per_epoch(cfg):
+    """The dev split holds out about 10% of the random sentences, a few more or fewer each time."""
+    return len(load_splits(cfg)["train"]) // cfg.batch_size
+
+
 # -- losses ------------------------------------------------------------------------------------------------
 
 
@@ -188,7 +193,7 @@ def test_romebert_with_projection_resumes_bit_for_bit(checkpoint, sentiment_tsv,
 
 def test_deebert_trains_the_exits_only_in_its_second_stage(checkpoint, sentiment_tsv, tmp_path):
     cfg = run_config(checkpoint, sentiment_tsv, tmp_path, recipe="deebert", eval_interval=0)
-    boundary = cfg.epochs * 9  # 144 training rows after the 10% dev split, 16 a batch
+    boundary = cfg.epochs * steps_per_epoch(cfg)
     stage_one = finetune(run_config(checkpoint, sentiment_tsv, tmp_path, recipe="deebert", eval_interval=0,
                                     stop_after=boundary))
     assert stage_one["step"] == boundary
@@ -206,7 +211,7 @@ def test_deebert_keeps_the_best_model_of_its_second_stage(checkpoint, sentiment_
     finetune(cfg)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     best = [r for r in records if r["kind"] == "best"][-1]
-    assert best["step"] > 9 and best["selected_by"] == "mean accuracy of the exits before the last"
+    assert best["step"] > steps_per_epoch(cfg) and best["selected_by"] == "mean accuracy of the exits before the last"
     evaluated = next(r for r in records if r["kind"] == "eval" and r["step"] == best["step"])
     saved = MultiExitBert.from_pretrained(tmp_path / "best").eval()
     dev = classification_batches(load_splits(cfg)["dev"], load_tokenizer(checkpoint), 16, 32)
@@ -216,10 +221,11 @@ def test_deebert_keeps_the_best_model_of_its_second_stage(checkpoint, sentiment_
 
 def test_the_best_model_learns_and_loads_in_transformers_with_the_same_logits(checkpoint, sentiment_tsv, tmp_path):
     transformers = pytest.importorskip("transformers")
-    summary = finetune(run_config(checkpoint, sentiment_tsv, tmp_path, epochs=7, lr=3e-3, eval_interval=9))
+    cfg = run_config(checkpoint, sentiment_tsv, tmp_path, epochs=7, lr=3e-3, eval_interval=9)
+    summary = finetune(cfg)
     evals = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert max(r["accuracy"] for r in evals) >= 0.8, evals  # the label is one word of the sentence
-    assert summary["step"] == 7 * 9
+    assert summary["step"] == 7 * steps_per_epoch(cfg)
     best = tmp_path / "best"
     ours = BertForSequenceClassification.from_pretrained(best).eval()
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(best).eval()
