@@ -10,20 +10,29 @@ stage plan, all in the same invocation. Reported, from held-out MLM loss against
   - time to reach the from-scratch run's final held-out loss, for each run, and each plan's speed-up;
   - each run's loss at an equal wall-clock budget (the shortest run's total time);
   - a PNG plot of the curves, a JSON file with every number, and a Markdown table.
-A shallow-only control trains the first stage's depth alone for the whole budget: if it reaches the target as fast
-as stacking, then the cheaper shallow steps, not stacking, buy the time, and the table says so.
+Controls, in the same invocation:
+  - shallow only: the first stage's depth trained alone for the whole budget. If it reaches the target as fast as
+    stacking, then the cheaper shallow steps, not stacking, buy the time, and the table says so;
+  - stacking with the optimizer state of the copied layers reset (the paper's choice) instead of copied;
+  - downstream: every run fine-tuned the same way on Rotten Tomatoes (`bertforge finetune`, the final classifier),
+    test accuracy of its best dev model beside the pre-training time (the paper's claim: similar downstream quality
+    at less cost).
 """
 
 import argparse
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
+from bertforge.train.finetune import FinetuneConfig, finetune
 from bertforge.train.pretrain import PretrainConfig, pretrain
+from bertforge.train.shards import build_shards
 
 SCRATCH = "from scratch"
 SHALLOW = "shallow only"
+RESET = "stacking, state reset"
 
 # "small": hidden 128, 2 heads (head_dim 64), FFN 512, final depth 8, 32 sequences of <= 128 tokens per step, and
 # a 8,192-id WordPiece vocabulary learned from the corpus. With bert-base's 30,522 ids the tied embedding and the
@@ -32,10 +41,12 @@ SHALLOW = "shallow only"
 SCALES = {
     "small": dict(model=dict(hidden_size=128, num_heads=2, intermediate_size=512, batch_size=32,
                              max_seq_length=128, lr=1e-3, warmup_steps=50, dropout=0.1, vocab_size=8192),
-                  depth=8, steps=1000, stages=["2:500,4:250,8:250"], eval_interval=50, eval_batches=16),
+                  depth=8, steps=1000, stages=["2:500,4:250,8:250"], eval_interval=50, eval_batches=16,
+                  downstream=dict(epochs=3, lr=2e-4, batch_size=32, max_seq_length=64)),
     "tiny": dict(model=dict(hidden_size=64, num_heads=2, intermediate_size=128, batch_size=8,
                             max_seq_length=64, lr=2e-3, warmup_steps=4, dropout=0.0),
-                 depth=4, steps=24, stages=["1:6,2:6,4:12"], eval_interval=6, eval_batches=2),
+                 depth=4, steps=24, stages=["1:6,2:6,4:12"], eval_interval=6, eval_batches=2,
+                 downstream=dict(epochs=1, steps=8, lr=1e-3, batch_size=16, max_seq_length=32)),
 }
 
 
@@ -62,11 +73,26 @@ def loss_at(curve, budget):
     return curve[-1][1]
 
 
+def fine_tune_downstream(cfg: PretrainConfig, model, settings: dict, seed: int, progress: bool) -> dict:
+    """The pre-trained model, saved with its vocabulary as a Hugging Face folder, fine-tuned on Rotten Tomatoes
+    (final classifier); test accuracy of the best dev model and the fine-tuning time."""
+    folder = Path(cfg.out_dir) / "pretrained"
+    model.save_pretrained(folder)
+    vocabulary = build_shards(cfg.corpus, cfg.tokenizer, vocab_size=cfg.vocab_size, progress=False).folder
+    shutil.copy(vocabulary / "tokenizer.json", folder / "tokenizer.json")
+    summary = finetune(FinetuneConfig(checkpoint=str(folder), out_dir=str(Path(cfg.out_dir) / "finetune"),
+                                      overwrite=True, seed=seed, progress=progress, checkpoint_interval=10**9,
+                                      eval_interval=settings.get("steps", 100), **settings))
+    return {"test_accuracy": summary["test_accuracy"], "finetune_s": summary["wall_time"]}
+
+
 def run(scale: str = "small", out: str = "report/stacking", corpus=None, progress=True, corpus_label=None,
-        stages=None, vocab_size=None, seed=0) -> dict:
-    """Train from scratch and with each stage plan in `stages` (default: the scale's); write the report.
+        stages=None, vocab_size=None, seed=0, downstream=True) -> dict:
+    """Train from scratch and with each stage plan in `stages` (default: the scale's), with the controls; write the
+    report.
 
     vocab_size: None = the scale's; 0 = the MiniLM (bert-base-uncased) vocabulary; n = n ids learned from the corpus.
+    downstream: fine-tune every run on Rotten Tomatoes afterwards.
     """
     spec = SCALES[scale]
     out_dir = Path(out)
@@ -82,13 +108,18 @@ def run(scale: str = "small", out: str = "report/stacking", corpus=None, progres
         name = "stacking" if len(plans) == 1 else f"stacking {plan}"
         runs[name] = PretrainConfig(stages=plan, out_dir=str(out_dir / name.replace(" ", "-").replace(":", "_")),
                                     **common)
+    runs[RESET] = PretrainConfig(stages=plans[0], optimizer_state="reset", out_dir=str(out_dir / "stacking-reset"),
+                                 **common)
     shallow = min(int(stage.split(":")[0]) for plan in plans for stage in plan.split(","))
     runs[SHALLOW] = PretrainConfig(stages=None, num_layers=shallow, steps=spec["steps"],
                                    out_dir=str(out_dir / "shallow-only"), **common)
-    curves, steps = {}, {}
+    curves, steps, downstream_results = {}, {}, {}
     for name, cfg in runs.items():
-        pretrain(dataclasses.replace(cfg, overwrite=True))  # a fresh run, not appended to an old one
+        summary = pretrain(dataclasses.replace(cfg, overwrite=True))  # a fresh run, not appended to an old one
         curves[name], steps[name] = eval_log(Path(cfg.out_dir))
+        if downstream:
+            downstream_results[name] = fine_tune_downstream(cfg, summary["model"], spec["downstream"], seed,
+                                                            progress)
 
     target = curves[SCRATCH][-1][1]
     reach = {name: time_to_reach(curve, target) for name, curve in curves.items()}
@@ -106,7 +137,10 @@ def run(scale: str = "small", out: str = "report/stacking", corpus=None, progres
         "curves": curves,
         "eval_steps": steps,
         "threads": os.environ.get("OMP_NUM_THREADS"),
+        "seed": seed,
     }
+    if downstream:
+        result["downstream"] = {"settings": spec["downstream"], "runs": downstream_results}
     result["verdict"] = verdict(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "stacking.json").write_text(json.dumps(result, indent=1))
@@ -134,13 +168,15 @@ def markdown(result) -> str:
     reach = result["time_to_target_s"]
     fmt = lambda t: "never" if t is None else f"{t:.0f} s"  # noqa: E731
     vocab = next(iter(result["configs"].values())).get("vocab_size")
+    downstream = result.get("downstream", {}).get("runs", {})
     lines = [
         f"Target: the from-scratch run's final held-out MLM loss, {result['target_loss']:.3f} nats"
-        + (f" (vocabulary of {vocab} learned from the corpus)." if vocab else " (bert-base-uncased vocabulary)."),
+        + (f" (vocabulary of {vocab} learned from the corpus)" if vocab else " (bert-base-uncased vocabulary)")
+        + f"; seed {result.get('seed', 0)}.",
         "",
         "| run | stages | time to target | speed-up | total training time | final loss | loss at equal budget "
-        f"({result['equal_budget_s']:.0f} s) |",
-        "|---|---|---|---|---|---|---|",
+        f"({result['equal_budget_s']:.0f} s) |" + (" Rotten Tomatoes test accuracy |" if downstream else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if downstream else ""),
     ]
     for name, cfg in result["configs"].items():
         stages = cfg["stages"] or f"{cfg['num_layers']}:{cfg['steps']}"
@@ -148,7 +184,12 @@ def markdown(result) -> str:
         ratio = "1.00x (baseline)" if name == SCRATCH else "never" if speedup is None else f"**{speedup:.2f}x**"
         lines.append(f"| {name} | {stages} | {fmt(reach[name])} | {ratio} | "
                      f"{result['total_train_time_s'][name]:.0f} s | {result['final_loss'][name]:.3f} | "
-                     f"{result['loss_at_equal_budget'][name]:.3f} |")
+                     f"{result['loss_at_equal_budget'][name]:.3f} |"
+                     + (f" {downstream[name]['test_accuracy']:.4f} |" if name in downstream else ""))
+    if downstream:
+        settings = result["downstream"]["settings"]
+        lines += ["", "Downstream: `bertforge finetune` of each pre-trained model (final classifier), "
+                  + ", ".join(f"{k} {v}" for k, v in settings.items()) + "; test accuracy of the best dev model."]
     if "verdict" in result:
         lines += ["", result["verdict"]]
     return "\n".join(lines + [""])
@@ -199,6 +240,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (initial weights, data order, masks)")
     parser.add_argument("--out", default="report/stacking")
     parser.add_argument("--corpus", default=None, help="text file or folder; default: the packaged news corpus")
+    parser.add_argument("--no-downstream", action="store_true", help="skip fine-tuning each run on Rotten Tomatoes")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot and table from --out's JSON")
     args = parser.parse_args(argv)
     if args.plot_only:
@@ -206,7 +248,7 @@ def main(argv=None):
         plot(result, Path(args.out) / "stacking.png")
     else:
         result = run(args.scale, args.out, args.corpus, stages=args.stages, vocab_size=args.vocab_size,
-                     seed=args.seed)
+                     seed=args.seed, downstream=not args.no_downstream)
     print(markdown(result))
 
 

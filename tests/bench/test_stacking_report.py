@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,7 @@ def test_tiny_run_writes_numbers_table_and_plot(tmp_path, monkeypatch, reference
                           stages=plans)
 
     saved = json.loads((tmp_path / "report" / "stacking.json").read_text())
-    names = {"from scratch", "shallow only"} | {f"stacking {plan}" for plan in plans}
+    names = {"from scratch", "shallow only", "stacking, state reset"} | {f"stacking {plan}" for plan in plans}
     assert saved["target_loss"] == result["curves"]["from scratch"][-1][1]
     assert saved["time_to_target_s"]["from scratch"] == pytest.approx(result["total_train_time_s"]["from scratch"])
     assert set(saved["loss_at_equal_budget"]) == names and set(saved["speedup_to_target"]) == names - {"from scratch"}
@@ -43,6 +44,9 @@ def test_tiny_run_writes_numbers_table_and_plot(tmp_path, monkeypatch, reference
         expected = None if reached is None else saved["time_to_target_s"]["from scratch"] / reached
         assert saved["speedup_to_target"][f"stacking {plan}"] == pytest.approx(expected)
         assert saved["configs"][f"stacking {plan}"]["stages"] == plan
+    reset = saved["configs"]["stacking, state reset"]
+    assert (reset["stages"], reset["optimizer_state"]) == (plans[0], "reset")
+    assert {saved["configs"][f"stacking {plan}"]["optimizer_state"] for plan in plans} == {"copy"}
     shallow = saved["configs"]["shallow only"]
     assert (shallow["stages"], shallow["num_layers"], shallow["steps"]) == (None, 1, 24)  # first stage's depth
     for name in names:  # an evaluation before the first step, then every 6 steps up to the 24th
@@ -51,6 +55,14 @@ def test_tiny_run_writes_numbers_table_and_plot(tmp_path, monkeypatch, reference
     table = (tmp_path / "report" / "stacking.md").read_text()
     assert "time to target" in table and all(plan in table for plan in plans)
     assert saved["verdict"] in table
+    for name, cfg in saved["configs"].items():  # each run fine-tuned from its own final weights
+        folder = Path(cfg["out_dir"])
+        tuned = json.loads((folder / "finetune" / "test.json").read_text())
+        assert saved["downstream"]["runs"][name]["test_accuracy"] == tuned["accuracy"]
+        assert f"| {tuned['accuracy']:.4f} |" in table
+        depth = int(cfg["stages"].split(",")[-1].split(":")[0]) if cfg["stages"] else cfg["num_layers"]
+        best = json.loads((folder / "finetune" / "best" / "config.json").read_text())
+        assert (best["num_hidden_layers"], best["hidden_size"]) == (depth, 64)
 
 
 @pytest.mark.parametrize("shallow, expected", [(90.0, "not stacking, buy the time"), (150.0, "control takes 150 s"),
