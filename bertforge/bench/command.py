@@ -2,12 +2,13 @@
 
     bertforge bench                      # all suites; GPU cases skip with their reason on a machine without one
     bertforge bench model --out report/bench
+    bertforge bench methods --out report/bench                              # stacking and multi-exit, ~25 min
     bertforge bench --compare OLD.json --out runs/bench-new                   # run, then compare with that run
     bertforge bench --compare OLD.json --against NEW.json                     # compare two runs, run nothing
 
 Writes into --out: benchmark.json (pytest-benchmark's raw results), report.md (per group: each provider's median,
-its spread over rounds, its time as a ratio to bertforge's in the same run, throughput) and speedups.png; with
---compare, compare.md. Needs the dev extra (pytest-benchmark).
+its spread over rounds, its time as a ratio to bertforge's in the same run, throughput; each method experiment's
+own table and plots) and speedups.png; with --compare, compare.md. Needs the dev extra (pytest-benchmark).
 """
 
 import argparse
@@ -20,9 +21,11 @@ from pathlib import Path
 from .ratios import BASELINE, THROUGHPUT_KEYS
 
 HERE = Path(__file__).parent
-SUITES = {"kernels": ["bench_kernels.py"], "model": ["bench_model.py", "bench_finetune.py", "bench_model_gpu.py"]}
+SUITES = {"kernels": ["bench_kernels.py"], "model": ["bench_model.py", "bench_finetune.py", "bench_model_gpu.py"],
+          "methods": ["bench_methods.py"]}
 # Seconds per case when no earlier run in --out says better: a rough guess for the estimate printed first.
-GUESS_S = {"bench_kernels.py": 5.0, "bench_model.py": 60.0, "bench_finetune.py": 40.0, "bench_model_gpu.py": 30.0}
+GUESS_S = {"bench_kernels.py": 5.0, "bench_model.py": 60.0, "bench_finetune.py": 40.0, "bench_model_gpu.py": 30.0,
+           "bench_methods.py": 900.0}
 
 
 class BenchError(ValueError):
@@ -102,6 +105,9 @@ def report_markdown(run: dict) -> str:
     lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
              f"python {machine.get('python_version', '?')}; {run.get('datetime', '')}", ""]
     for group, benchmarks in groups_of(run).items():
+        if all("table" in b.get("extra_info", {}) for b in benchmarks):
+            lines += method_sections(benchmarks)
+            continue
         base = next((b for b in benchmarks if provider(b) == BASELINE), None)
         lines += [f"### {group}", "", f"| provider | median ms | spread | time / {BASELINE} | throughput |",
                   "|---|---|---|---|---|"]
@@ -127,6 +133,17 @@ def report_markdown(run: dict) -> str:
                   if b is not ceiling and unit in b.get("extra_info", {})]
         lines.append("")
     return "\n".join(lines)
+
+
+def method_sections(benchmarks: list[dict]) -> list[str]:
+    """A method experiment's own table (its ratios, all measured in its one run) and its plots."""
+    lines = []
+    for b in benchmarks:
+        info = b["extra_info"]
+        lines += [f"### {b['name']}: {info.get('provider', '')} ({b['stats']['median'] / 60:.1f} min)", "",
+                  info["table"], ""]
+        lines += [f"![{plot}]({plot})" for plot in info.get("plots", [])] + [""]
+    return lines
 
 
 def plot_speedups(run: dict, path: Path) -> bool:
@@ -220,7 +237,8 @@ def _run(args) -> int:
     print(f"bertforge bench {args.suite}: {len(cases)} cases, about {math.ceil(seconds / 60)} min ({how})",
           flush=True)
     # -v: a progress line per case; -rs: each skipped case with its reason.
-    code = subprocess.run(pytest_command(files, "-v", "-rs", f"--benchmark-json={results}", *extra)).returncode
+    methods = [f"--methods-out={out}"] if "bench_methods.py" in files else []
+    code = subprocess.run(pytest_command(files, "-v", "-rs", f"--benchmark-json={results}", *methods, *extra)).returncode
     if code not in (0, 5) or not results.exists():
         raise BenchError(f"the benchmarks failed (pytest exit status {code}); see its output above")
     run = load_run(results)

@@ -14,6 +14,13 @@ from bertforge.bench.ratios import ratio_table
 _GROUPS = pytest.StashKey[list]()
 
 
+def pytest_addoption(parser):
+    group = parser.getgroup("bertforge methods", "the method experiments of bench_methods.py")
+    group.addoption("--methods-scale", default="small", choices=["small", "tiny"],
+                    help="small: the README's CPU-sized experiments; tiny: seconds, to check the harness")
+    group.addoption("--methods-out", default=None, help="folder for the experiments' reports and plots")
+
+
 @pytest.fixture
 def cuda_device():
     """torch.device("cuda"); GPU-only cases skip without one, or when Triton's interpreter is switched on."""

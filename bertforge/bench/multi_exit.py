@@ -177,10 +177,10 @@ def serving_throughput(model: MultiExitBert, stream, criterion: str, value) -> d
 
 
 def markdown(result: dict) -> str:
-    lines = ["| baseline | test accuracy |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in result["baselines"].items()]
+    lines = ["| baseline | test accuracy |", "|---|---|"] if result["baselines"] else []
+    lines += [f"| {k} | {v:.4f} |" for k, v in result["baselines"].items()] + [""] * bool(result["baselines"])
     depth = max(len(r["test_exit_accuracy"]) for r in result["runs"].values())
-    lines += ["", "| recipe | training s | s per epoch | " + " | ".join(f"exit {i + 1}" for i in range(depth)) + " |",
+    lines += ["| recipe | training s | s per epoch | " + " | ".join(f"exit {i + 1}" for i in range(depth)) + " |",
               "|---|---|---|" + "---|" * depth]
     for name, run in result["runs"].items():
         accuracy = run["test_exit_accuracy"]
@@ -278,16 +278,21 @@ def main(argv=None):
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
-    out = Path(args.out)
+    print(markdown(run(Path(args.out), names, args.epochs, args.exit_pooling, args.head_lr, args.progress,
+                       args.reuse)))
+
+
+def run(out: Path, names, epochs: int = 3, exit_pooling: str = "mean", head_lr: float = 1e-3, progress: bool = False,
+        reuse: bool = False, baselines: bool = True) -> dict:
+    """Train each recipe in `names`, sweep and serve each multi-exit one; write results.json, results.md and the
+    plots into `out`; baselines=False skips the scikit-learn sanity baselines."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     splits = rotten_tomatoes(seed=0)
-    result = {"threads": torch.get_num_threads(), "epochs": args.epochs, "exit_pooling": args.exit_pooling,
-              "head_lr": args.head_lr,
-              "baselines": sanity_baselines(splits)}
+    result = {"threads": torch.get_num_threads(), "epochs": epochs, "exit_pooling": exit_pooling,
+              "head_lr": head_lr, "baselines": sanity_baselines(splits) if baselines else {}}
     print(f"baselines: {result['baselines']}", flush=True)
-    result["runs"] = train_recipes(out, names, args.epochs, args.exit_pooling, args.head_lr, args.progress,
-                                   args.reuse)
+    result["runs"] = train_recipes(out, names, epochs, exit_pooling, head_lr, progress, reuse)
     tokenizer = load_tokenizer()
     batches = list(classification_batches(splits["test"], tokenizer, BATCH, 128))
     labels = torch.cat([b["labels"] for b in batches])
@@ -304,14 +309,16 @@ def main(argv=None):
             for criterion, rows in result["speed"][name].items()]
         (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    write_report(result, out)
+    write_report(result, out, echo=False)
+    return result
 
 
-def write_report(result: dict, out: Path):
+def write_report(result: dict, out: Path, echo: bool = True):
     (out / "results.md").write_text(markdown(result))
     plot(result, out / "multi_exit.png")
     plot_serving(result, out / "serving.png")
-    print(markdown(result))
+    if echo:
+        print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,19 @@ def test_a_model_run_writes_results_report_and_plot_then_compares(tmp_path, capf
     assert case["fullname"] in first_row and "2.500x" in first_row and "slower" in first_row
 
 
+def test_a_tiny_methods_run_puts_each_experiments_table_and_plots_in_the_report(tmp_path, capfd):
+    out = tmp_path / "run"
+    assert main(["bench", "methods", "--out", str(out), "--", "--methods-scale", "tiny"]) == 0
+    assert "multi-exit runs MiniLM on Rotten Tomatoes" in capfd.readouterr().out  # skipped with its reason
+    (case,) = json.loads((out / "benchmark.json").read_text())["benchmarks"]
+    saved = json.loads((out / "stacking" / "stacking.json").read_text())
+    assert case["extra_info"]["speedup_to_target"] == saved["speedup_to_target"]
+    report = (out / "report.md").read_text()
+    assert (out / "stacking" / "stacking.md").read_text().strip() in report
+    assert "![stacking/stacking.png](stacking/stacking.png)" in report
+    assert (out / "stacking" / "stacking.png").stat().st_size > 10_000
+
+
 def test_estimate_uses_an_earlier_run_of_the_same_cases():
     earlier = {"benchmarks": [{"fullname": "bertforge/bench/bench_model.py::test_x[a]",
                                "stats": {"total": 3.0, "mean": 0.5}}]}
