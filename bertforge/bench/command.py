@@ -26,6 +26,7 @@ SUITES = {"kernels": ["bench_kernels.py"], "model": ["bench_model.py", "bench_fi
 # Seconds per case when no earlier run in --out says better: a rough guess for the estimate printed first.
 GUESS_S = {"bench_kernels.py": 5.0, "bench_model.py": 60.0, "bench_finetune.py": 40.0, "bench_model_gpu.py": 30.0,
            "bench_methods.py": 900.0}
+GPU_ONLY = {"bench_kernels.py", "bench_model_gpu.py"}  # every case of these skips without a CUDA device
 
 
 class BenchError(ValueError):
@@ -54,20 +55,23 @@ def collect(files: list[str], extra: list[str]) -> list[str]:
     return [line for line in done.stdout.splitlines() if "::" in line]
 
 
-def estimate_s(cases: list[str], previous: dict | None) -> tuple[float, str]:
-    """Seconds the run should take: each case's time in an earlier run in the same folder, else a guess."""
+def estimate_s(cases: list[str], previous: dict | None, has_gpu: bool) -> tuple[float, str]:
+    """Seconds the run should take: each case's time in an earlier run in the same folder, else a guess (none
+    for a GPU-only case on a machine without a GPU: it skips)."""
     seen = {}
     for b in (previous or {}).get("benchmarks", []):
         seen[b["fullname"].split("::", 1)[-1]] = b["stats"]["total"] + b["stats"]["mean"]  # + a warm-up round
-    total, known = 0.0, 0
+    total, known, skipping = 0.0, 0, 0
     for case in cases:
-        key = case.split("::", 1)[-1]
-        if key in seen:
+        key, file = case.split("::", 1)[-1], Path(case.split("::")[0]).name
+        if file in GPU_ONLY and not has_gpu:
+            skipping += 1
+        elif key in seen:
             total, known = total + seen[key], known + 1
         else:
-            total += GUESS_S.get(Path(case.split("::")[0]).name, 10.0)
+            total += GUESS_S.get(file, 10.0)
     how = f"{known} of {len(cases)} cases timed in the earlier run" if known else "a rough guess per case"
-    return total, how
+    return total, how + (f"; {skipping} GPU cases skip on this machine" if skipping else "")
 
 
 def load_run(path) -> dict:
@@ -233,7 +237,9 @@ def _run(args) -> int:
     results = out / "benchmark.json"
     previous = load_run(results) if results.exists() else None
     cases = collect(files, extra)
-    seconds, how = estimate_s(cases, previous)
+    import torch  # only once the arguments are known to be good: it takes seconds to import
+
+    seconds, how = estimate_s(cases, previous, torch.cuda.is_available())
     print(f"bertforge bench {args.suite}: {len(cases)} cases, about {math.ceil(seconds / 60)} min ({how})",
           flush=True)
     # -v: a progress line per case; -rs: each skipped case with its reason.

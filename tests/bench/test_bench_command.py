@@ -58,8 +58,13 @@ def test_a_tiny_methods_run_puts_each_experiments_table_and_plots_in_the_report(
 def test_estimate_uses_an_earlier_run_of_the_same_cases():
     earlier = {"benchmarks": [{"fullname": "bertforge/bench/bench_model.py::test_x[a]",
                                "stats": {"total": 3.0, "mean": 0.5}}]}
-    seconds, how = command.estimate_s(["bench_model.py::test_x[a]", "bench_model.py::test_x[b]"], earlier)
-    assert seconds == 3.5 + command.GUESS_S["bench_model.py"] and how.startswith("1 of 2 cases")
+    cases = ["bench_model.py::test_x[a]", "bench_model.py::test_x[b]", "bench_kernels.py::test_k[c]"]
+    seconds, how = command.estimate_s(cases, earlier, has_gpu=False)
+    assert seconds == 3.5 + command.GUESS_S["bench_model.py"] and how == ("1 of 3 cases timed in the earlier run; "
+                                                                          "1 GPU cases skip on this machine")
+    seconds, how = command.estimate_s(cases, earlier, has_gpu=True)
+    assert seconds == 3.5 + command.GUESS_S["bench_model.py"] + command.GUESS_S["bench_kernels.py"]
+    assert how == "1 of 3 cases timed in the earlier run"
 
 
 @pytest.mark.parametrize("argv, expected", [
