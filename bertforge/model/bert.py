@@ -64,14 +64,17 @@ class ResidualLayerNorm(nn.LayerNorm):
 
 
 class LinearGELU(nn.Linear):
-    """GELU(x W^T + b): the matmul runs without its bias, which the fused GELU kernel adds instead."""
+    """GELU(x W^T + b): the matmul runs without its bias, which the fused GELU kernel adds instead. With
+    slimming, each output neuron is scaled by a learnable coefficient (EarlyBERT), initialised to 1."""
 
-    def __init__(self, in_features, out_features, approximate="none"):
+    def __init__(self, in_features, out_features, approximate="none", slimming=False):
         super().__init__(in_features, out_features)
         self.approximate = approximate
+        self.neuron_scale = nn.Parameter(torch.ones(out_features)) if slimming else None
 
     def forward(self, x):
-        return bias_gelu(F.linear(x, self.weight), self.bias, self.approximate)
+        a = bias_gelu(F.linear(x, self.weight), self.bias, self.approximate)
+        return a if self.neuron_scale is None else a * self.neuron_scale.to(a.dtype)
 
 
 class BertEmbeddings(nn.Module):
@@ -93,12 +96,14 @@ class BertEmbeddings(nn.Module):
 class BertSelfAttention(nn.Module):
     """Multi-head self-attention: one fused QKV projection, the attention kernel, the output projection."""
 
-    def __init__(self, hidden_size, heads, head_dim, dropout_p):
+    def __init__(self, hidden_size, heads, head_dim, dropout_p, slimming=False):
         super().__init__()
         self.heads, self.head_dim, self.dropout_p = heads, head_dim, dropout_p
         # Rows of the fused weight are [W_query; W_key; W_value], each (heads * head_dim, hidden).
         self.qkv = nn.Linear(hidden_size, 3 * heads * head_dim)
         self.proj = nn.Linear(heads * head_dim, hidden_size)
+        # EarlyBERT: each head's output scaled before the output projection (= scaling its attention probabilities).
+        self.head_scale = nn.Parameter(torch.ones(heads)) if slimming else None
 
     def forward(self, x, layout: Layout):
         dropout_p = self.dropout_p if self.training else 0.0
@@ -109,6 +114,8 @@ class BertSelfAttention(nn.Module):
         else:
             q, k, v = qkv.unflatten(0, (layout.batch, layout.seqlen)).permute(2, 0, 3, 1, 4)  # (b, heads, s, d)
             y = attention(q, k, v, key_padding_mask=layout.key_padding_mask, dropout_p=dropout_p).transpose(1, 2)
+        if self.head_scale is not None:  # y: (..., heads, head_dim) in both layouts
+            y = y * self.head_scale.to(y.dtype)[:, None]
         return self.proj(y.reshape(x.shape[0], self.heads * self.head_dim))
 
 
@@ -119,9 +126,10 @@ class BertLayer(nn.Module):
         super().__init__()
         h, eps = config.hidden_size, config.layer_norm_eps
         heads, ffn = config.layer_heads(index), config.layer_intermediate_size(index)
-        self.attention = BertSelfAttention(h, heads, config.head_dim, config.attention_probs_dropout_prob)
+        self.attention = BertSelfAttention(h, heads, config.head_dim, config.attention_probs_dropout_prob,
+                                           config.slimming)
         self.attention_norm = ResidualLayerNorm(h, eps=eps)
-        self.intermediate = LinearGELU(h, ffn, GELU_APPROXIMATE[config.hidden_act])
+        self.intermediate = LinearGELU(h, ffn, GELU_APPROXIMATE[config.hidden_act], config.slimming)
         self.output = nn.Linear(ffn, h)
         self.output_norm = ResidualLayerNorm(h, eps=eps)
         self.dropout = Dropout(config.hidden_dropout_prob)

@@ -45,6 +45,7 @@ class BertConfig:
     id2label: dict | None = None
     heads_per_layer: list | None = None
     intermediate_size_per_layer: list | None = None
+    slimming: bool = False  # EarlyBERT's learnable scale per attention head and per FFN neuron (slimming.py)
 
     def __post_init__(self):
         self.validate()
@@ -95,6 +96,8 @@ class BertConfig:
             raise ValueError(f"BertConfig.id2label must be a dict {{index: label}}, got {self.id2label!r}")
         if self.id2label is not None and len(self.id2label) != self.num_labels:
             raise ValueError(f"id2label has {len(self.id2label)} entries but num_labels is {self.num_labels}")
+        if not isinstance(self.slimming, bool):
+            raise ValueError(f"BertConfig.slimming must be true or false, got {self.slimming!r}")
         for name in ("heads_per_layer", "intermediate_size_per_layer"):
             sizes = getattr(self, name)
             if sizes is None:
@@ -142,6 +145,8 @@ class BertConfig:
                      "problem_type"):
             if d[name] is None:
                 del d[name]
+        if not self.slimming:  # a plain BERT's config.json stays as transformers writes it
+            del d["slimming"]
         if self.id2label is not None:  # as transformers writes it, so its pipelines map names both ways
             d["label2id"] = {name: index for index, name in self.id2label.items()}
         d["model_type"] = "bert"

@@ -37,6 +37,7 @@ _LAYER_FROM_HF = {v: k for k, v in _LAYER_TO_HF.items()}
 _MODULE_FROM_HF = {v: k for k, v in _MODULE_TO_HF.items()}
 _QKV = ("query", "key", "value")
 _HEAD_PREFIXES = ("cls.", "classifier.", "bert.pooler.")  # may be missing or surplus (see module docstring)
+_SLIMMING_SCALES = (".head_scale", ".neuron_scale")
 _BUFFERS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")  # non-persistent in transformers
 
 
@@ -108,6 +109,8 @@ def load_hf_state_dict(model, state_dict: dict):
     expected = to_hf(_canonical_model_state(model))
     missing = sorted(expected.keys() - ckpt.keys())
     unexpected = sorted(ckpt.keys() - expected.keys())
+    # EarlyBERT's slimming scales start at 1 (the identity) when a checkpoint has none.
+    missing = [k for k in missing if not k.endswith(_SLIMMING_SCALES)]
     bad_missing = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
     bad_unexpected = [k for k in unexpected if not k.startswith(_HEAD_PREFIXES)]
     name = type(model).__name__

@@ -64,10 +64,15 @@ def stack(model, optimizer=None, optimizer_state: str = "copy"):
     return model
 
 
-def _grow_config(module, old_depth):
+def configs_of(module) -> list:
+    """The model's config and its encoder's (`.bert`), once each: a shape change updates every one."""
     configs = {id(c): c for c in (getattr(module, "config", None), getattr(getattr(module, "bert", None), "config", None))
                if c is not None}
-    for config in configs.values():
+    return list(configs.values())
+
+
+def _grow_config(module, old_depth):
+    for config in configs_of(module):
         config.num_hidden_layers = 2 * old_depth
         if config.heads_per_layer is not None:
             config.heads_per_layer = list(config.heads_per_layer) * 2

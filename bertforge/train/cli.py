@@ -5,6 +5,7 @@
     bertforge pretrain --config run.json --resume true
     bertforge finetune                                  # MiniLM on Rotten Tomatoes, plain fine-tuning
     bertforge finetune --recipe romebert --gradient_projection true --data train.tsv --dev_data dev.tsv
+    bertforge earlybird                                 # EarlyBERT: ticket search, prune, retrain (MiniLM, RT)
     bertforge convert --checkpoint runs/pretrain/checkpoint.pt --out_dir runs/pretrain/hf   # -> Hugging Face folder
     torchrun --nproc_per_node 2 -m bertforge.train.cli pretrain ...
 """
@@ -17,8 +18,9 @@ import types
 import typing
 
 from .checkpoint import CheckpointError
-from .distributed import RankTimeout
 from .classification_data import DataError
+from .distributed import RankTimeout
+from .earlybird import EarlybirdConfig, earlybird
 from .export import ConvertConfig, convert
 from .finetune import FinetuneConfig, finetune
 from .pretrain import PretrainConfig, pretrain
@@ -26,7 +28,7 @@ from .run_folder import RunFolderError
 from .text import CorpusError
 
 COMMANDS = {"pretrain": (PretrainConfig, pretrain), "finetune": (FinetuneConfig, finetune),
-            "convert": (ConvertConfig, convert)}
+            "earlybird": (EarlybirdConfig, earlybird), "convert": (ConvertConfig, convert)}
 
 
 def _parse_bool(text: str) -> bool:

@@ -296,15 +296,17 @@ def load_splits(cfg: FinetuneConfig) -> dict:
     return {"train": train, "dev": dev, "test": test}
 
 
-def build_model(cfg: FinetuneConfig, checkpoint: Path, label_names: list[str]):
-    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names))}
+def build_model(cfg: FinetuneConfig, checkpoint: Path, label_names: list[str], **config_overrides):
+    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)), **config_overrides}
     if cfg.recipe == "final":
         return BertForSequenceClassification.from_pretrained(checkpoint, **labels)
     layout = "shared_pooler" if cfg.recipe == "pabee" else "per_exit_pooler"
     return MultiExitBert.from_pretrained(checkpoint, layout=layout, exit_pooling=cfg.exit_pooling, **labels)
 
 
-def build_trainer(cfg: FinetuneConfig, splits: dict) -> Trainer:
+def build_trainer(cfg: FinetuneConfig, splits: dict, extra_hooks=(), **config_overrides) -> Trainer:
+    """The fine-tuning Trainer; `extra_hooks` run after the recipe's, `config_overrides` change the checkpoint's
+    BertConfig (e.g. slimming=True for a ticket search)."""
     device = distributed.setup_distributed(cfg.dist_timeout)
     torch.manual_seed(cfg.seed)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else corpus.minilm_checkpoint()
@@ -315,7 +317,7 @@ def build_trainer(cfg: FinetuneConfig, splits: dict) -> Trainer:
     stages = 2 if cfg.recipe == "deebert" else 1
     if cfg.steps is None:
         cfg.steps = stages * stage_steps
-    model = build_model(cfg, checkpoint, splits["train"].label_names).to(device)
+    model = build_model(cfg, checkpoint, splits["train"].label_names, **config_overrides).to(device)
     optimizer = build_optimizer(model, cfg, device, cfg.head_lr, is_head=lambda name: name.startswith(HEADS))
     warmup = round(cfg.warmup_ratio * stage_steps)
     schedule = linear_warmup_decay(warmup, stage_steps)  # deebert's second stage restarts it, as a new run would
@@ -323,18 +325,19 @@ def build_trainer(cfg: FinetuneConfig, splits: dict) -> Trainer:
     dev = list(classification_batches(splits["dev"], tokenizer, cfg.batch_size, cfg.max_seq_length))
     hooks = [] if cfg.recipe == "final" else [ExitRecipe(cfg, stage_steps if stages == 2 else None)]
     hooks.append(BestModel(Path(cfg.out_dir), checkpoint, stage_steps if stages == 2 else None))
+    hooks += list(extra_hooks)
     trainer = Trainer(model, optimizer, scheduler, batches, lambda m: classification_metrics(m, dev, device), cfg,
                       hooks=hooks, run_config=cfg.identity(), device=device)
     trainer.tokenizer = tokenizer
     return trainer
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig, extra_hooks=(), **config_overrides) -> dict:
     """Fine-tune (or, with cfg.resume, continue); evaluates the best dev model on the test split when there is one."""
     splits = load_splits(cfg)
     with claim_run_folder(cfg.out_dir, cfg.resume, cfg.overwrite) if distributed.is_main_process() \
             else contextlib.nullcontext():
-        trainer = build_trainer(cfg, splits)
+        trainer = build_trainer(cfg, splits, extra_hooks, **config_overrides)
         if cfg.resume:
             trainer.resume()
         started = time.time()

@@ -3,7 +3,8 @@
     step: forward (bf16 autocast on GPU) -> loss / grad_accum -> backward -> clip -> check -> optimizer -> schedule
 
 A method is a hook: an object with any of these methods, called by the loop.
-    on_step_start(trainer)          before each optimizer step (e.g. grow the model at a stage boundary)
+    on_step_start(trainer)          before each optimizer step (e.g. grow the model at a stage boundary); it may
+                                    call trainer.finish(reason) to end the run there, checkpointed (a ticket drawn)
     backward(trainer, batch, scale) forward and backward of one micro-batch (loss scaled by `scale`), returning the
                                     detached loss; replaces the default `model(**batch).loss` (a method's own loss)
     on_evaluate(trainer, metrics)   after each evaluation (e.g. keep the best model)
@@ -135,6 +136,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
         self._signals = _StopSignals()
+        self.finished = None  # a hook's reason to end the run before its last step
         self._log_file = None
         self._tensorboard = None
 
@@ -153,6 +155,10 @@ class Trainer:
                     for hook in self.hooks:
                         if hasattr(hook, "on_step_start"):
                             hook.on_step_start(self)
+                    if self.finished:
+                        self.log(kind="finish", reason=self.finished)
+                        self.save()
+                        break
                     started = time.perf_counter()
                     with distributed.timeouts_explained(s.dist_timeout, f"step {self.step + 1}"):
                         loss, tokens, applied, stop = self._optimizer_step()
@@ -176,6 +182,10 @@ class Trainer:
             bar.close()
             self.close()
         return {"step": self.step, "train_time": self.train_time, "skipped_steps": self.skipped_steps}
+
+    def finish(self, reason: str):
+        """End the run before its next step (called by a hook's on_step_start)."""
+        self.finished = reason
 
     def _optimizer_step(self):
         """One optimizer step over grad_accum micro-batches; returns (loss, tokens, applied, stop signal or 0)."""

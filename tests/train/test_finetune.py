@@ -4,7 +4,6 @@ backbone, and a best model that transformers loads with the same logits."""
 
 import json
 import random
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ import torch.nn.functional as F
 from tiny_runs import final_parameters
 
 from bertforge.model import BertConfig, BertForSequenceClassification, MultiExitBert
-from bertforge.train import corpus
 from bertforge.train.classification_data import classification_batches
 from bertforge.train.cli import main as cli_main
 from bertforge.train.finetune import (
@@ -29,40 +27,12 @@ from bertforge.train.finetune import (
 )
 from bertforge.train.tokenizer import load_tokenizer
 
-GOOD, BAD = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
-FILLER = "the movie was a story of people and places with music and a long end".split()
-
 
 def tiny_exit_config(**overrides):
     values = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
     values.update(overrides)
     return BertConfig(**values)
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    """A tiny random BERT in a Hugging Face folder, with MiniLM's tokenizer files beside it."""
-    folder = tmp_path / "tiny-bert"
-    BertForSequenceClassification(tiny_exit_config(num_labels=2)).bert.save_pretrained(folder)
-    for name in ("tokenizer.json", "vocab.txt"):
-        shutil.copy(corpus.minilm_checkpoint() / name, folder / name)
-    return str(folder)
-
-
-@pytest.fixture
-def sentiment_tsv(tmp_path):
-    """SST-2-layout TSV: a sentence is "pos" when it holds a good word, "neg" when a bad one."""
-    rng = random.Random()
-    rows = ["sentence\tlabel"]
-    for _ in range(160):
-        label = rng.choice(["pos", "neg"])
-        words = rng.sample(FILLER, rng.randint(3, 10)) + [rng.choice(GOOD if label == "pos" else BAD)]
-        rng.shuffle(words)
-        rows.append(f"{' '.join(words)}\t{label}")
-    path = tmp_path / "train.tsv"
-    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return str(path)
 
 
 def run_config(checkpoint, data, out_dir, **overrides):
