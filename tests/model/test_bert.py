@@ -49,7 +49,9 @@ def test_forward_matches_transformers_on_real_checkpoint(minilm_pair):
     padded_diff = (padded.last_hidden_state - expected.last_hidden_state).abs().max().item()
     print(f"max |ours - transformers|: {diff:.2e} (real tokens), pooler {pooled:.2e}, "
           f"padded path at all positions {padded_diff:.2e}")
-    assert diff <= 1e-5 and pooled <= 1e-5 and padded_diff <= 1e-5
+    # Padding rows attend over a sequence's real keys in both libraries, but with sums in another order: their
+    # fp32 differences reach 2.5e-5 on some draws (measured over 8 draws), the real tokens' stay under 5e-6.
+    assert diff <= 1e-5 and pooled <= 1e-5 and padded_diff <= 5e-5
     # Unpadded: padding never enters the network and comes back as zeros.
     assert torch.all(got.last_hidden_state[~real] == 0)
 
