@@ -5,6 +5,8 @@ tensors through Triton's interpreter, which is how the kernel tests run without 
 """
 
 import os
+import random
+import shutil
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -45,3 +47,38 @@ def fresh_seed():
     torch.manual_seed(seed)
     print(f"torch seed {seed}")
     return seed
+
+
+# A tiny classification task for the fine-tuning tests (training and benchmarks).
+GOOD, BAD = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
+FILLER = "the movie was a story of people and places with music and a long end".split()
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny random BERT in a Hugging Face folder, with MiniLM's tokenizer files beside it."""
+    from bertforge.model import BertConfig, BertModel
+    from bertforge.train.corpus import minilm_checkpoint
+
+    folder = tmp_path / "tiny-bert"
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "vocab.txt"):
+        shutil.copy(minilm_checkpoint() / name, folder / name)
+    return str(folder)
+
+
+@pytest.fixture
+def sentiment_tsv(tmp_path):
+    """SST-2-layout TSV of 160 rows: a sentence is "pos" when it holds a good word, "neg" when a bad one."""
+    rng = random.Random()
+    rows = ["sentence\tlabel"]
+    for _ in range(160):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(FILLER, rng.randint(3, 10)) + [rng.choice(GOOD if label == "pos" else BAD)]
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words)}\t{label}")
+    path = tmp_path / "train.tsv"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return str(path)

@@ -1,8 +1,9 @@
 """The efficient-training methods against their baselines, each measured in one run: progressive stacking (from
-scratch, the shallow-only control, optimizer state reset; each fine-tuned on Rotten Tomatoes) and multi-exit
-early exit (RomeBERT on MiniLM, early exit against all layers).
+scratch, the shallow-only control, optimizer state reset; each fine-tuned on Rotten Tomatoes), multi-exit early
+exit (RomeBERT on MiniLM, early exit against all layers) and EarlyBERT (full fine-tuning, the early-bird ticket,
+a random ticket of the same sizes).
 
-    bertforge bench methods --out report/bench                     # about 25 min on a 2-core CPU
+    bertforge bench methods --out report/bench                     # about 50 min on a 2-core CPU
     bertforge bench methods --out DIR -- --methods-scale tiny      # seconds: checks the harness end to end
 
 Each case is one round of the whole experiment (pytest-benchmark's time is its wall-clock); its results (the
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bertforge.bench import multi_exit, stacking
+from bertforge.bench import earlybird, multi_exit, stacking
 
 pytestmark = pytest.mark.usefixtures("cpu_reference_kernels")
 
@@ -57,3 +58,14 @@ def test_multi_exit(benchmark, methods):
     record(benchmark, out, multi_exit.markdown(result), [folder / "multi_exit.png", folder / "serving.png"],
            provider="romebert", speed_up_within_a_point={c: r["speed_up"] for c, r in chosen.items()})
     assert final > 0.7  # well above the majority class (0.596 of the test split)
+
+
+def test_earlybird(benchmark, methods):
+    scale, out = methods
+    if scale != "small":
+        pytest.skip("EarlyBERT runs MiniLM on Rotten Tomatoes: --methods-scale small only")
+    folder = out / "earlybird"
+    result = benchmark.pedantic(earlybird.run, args=(folder,), kwargs=dict(epochs=2), rounds=1, iterations=1)
+    record(benchmark, out, earlybird.markdown(result), [folder / "accuracy_vs_time.png", folder / "mask_distance.png"],
+           provider="earlybird", time_saved=result["time_saved"], test_accuracy=result["test_accuracy"])
+    assert result["test_accuracy"][earlybird.EARLYBIRD] > 0.7

@@ -124,14 +124,18 @@ def check_layer_norm_inputs(x, weight, bias, eps, residual):
         raise ValueError(f"eps must be positive, got {eps}")
 
 
-def check_bias_gelu_inputs(x, bias, approximate):
+def check_bias_gelu_inputs(x, bias, approximate, scale=None):
     _check_float("x", x)
     _check_float("bias", bias)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
     _check_has_features(x)
     n = x.shape[-1]
-    if bias.dim() != 1 or bias.shape[0] != n:
-        raise ValueError(f"bias must have shape ({n},) to match x's last dimension, got {tuple(bias.shape)}")
-    if bias.device != x.device:
-        raise ValueError(f"bias is on {bias.device}, x on {x.device}")
+    for name, vector in (("bias", bias), ("scale", scale)):
+        if vector is None:
+            continue
+        _check_float(name, vector)
+        if vector.dim() != 1 or vector.shape[0] != n:
+            raise ValueError(f"{name} must have shape ({n},) to match x's last dimension, got {tuple(vector.shape)}")
+        if vector.device != x.device:
+            raise ValueError(f"{name} is on {vector.device}, x on {x.device}")

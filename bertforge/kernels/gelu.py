@@ -1,4 +1,5 @@
-"""Fused bias-add + GELU: y = GELU(x + bias), Triton forward and backward kernels under one autograd.Function.
+"""Fused bias-add + GELU: y = GELU(x + bias) (times a per-column scale, optionally: EarlyBERT's per-neuron slimming
+coefficient), Triton forward and backward kernels under one autograd.Function.
 
 The forward saves x and bias, not the pre-activation: the backward recomputes x + bias, one (rows, N) tensor less
 held between forward and backward. All arithmetic runs in fp32 inside the kernels; only the stores cast back.
@@ -112,9 +113,9 @@ def _gelu_derivative(z, APPROXIMATE_TANH: tl.constexpr):
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _bias_gelu_forward_kernel(
-    X, Bias, Y,  # X, Y: (n_rows, N) contiguous; Bias: (N,)
+    X, Bias, Scale, Y,  # X, Y: (n_rows, N) contiguous; Bias, Scale: (N,) (Scale read only when HAS_SCALE)
     n_rows, N,
-    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, APPROXIMATE_TANH: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, APPROXIMATE_TANH: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,21 +125,28 @@ def _bias_gelu_forward_kernel(
 
     bias = tl.load(Bias + cols, mask=col_in_range, other=0.0).to(tl.float32)
     z = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
-    tl.store(Y + offsets, _gelu(z, APPROXIMATE_TANH).to(Y.dtype.element_ty), mask=mask)
+    y = _gelu(z, APPROXIMATE_TANH)
+    if HAS_SCALE:
+        y = y * tl.load(Scale + cols, mask=col_in_range, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _bias_gelu_backward_kernel(
-    DY, X, Bias, DX,  # DY, X, DX: (n_rows, N) contiguous; Bias: (N,)
+    DY, X, Bias, Scale, DX,  # DY, X, DX: (n_rows, N) contiguous; Bias, Scale: (N,)
     DBiasPartial,  # (row programs, N) fp32: this program's column sums of dx over its rows
+    DScalePartial,  # likewise for dscale = column sums of dy * GELU(z) (written only when HAS_SCALE)
     n_rows, N, rows_per_program,
-    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, APPROXIMATE_TANH: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, APPROXIMATE_TANH: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     row_program = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_in_range = cols < N
     bias = tl.load(Bias + cols, mask=col_in_range, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(Scale + cols, mask=col_in_range, other=0.0).to(tl.float32)
+        dscale_tile = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=tl.float32)
 
     # Each program owns a strip of rows and sums dx over it in registers, in a fixed order: dbias is then one
     # deterministic sum over programs, with no atomics.
@@ -152,20 +160,26 @@ def _bias_gelu_backward_kernel(
         # Masked elements load dy = 0, so they add 0 to the sums.
         z = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
         dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:  # y = s * GELU(z): the scale's gradient needs GELU(z) itself, recomputed here
+            dscale_tile += dy * _gelu(z, APPROXIMATE_TANH)
+            dy = dy * scale[None, :]
         dx = dy * _gelu_derivative(z, APPROXIMATE_TANH)
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
         dbias_tile += dx
     tl.store(DBiasPartial + row_program * N + cols, tl.sum(dbias_tile, axis=0), mask=col_in_range)
+    if HAS_SCALE:
+        tl.store(DScalePartial + row_program * N + cols, tl.sum(dscale_tile, axis=0), mask=col_in_range)
 
 
-def bias_gelu_forward(x, bias, approximate):
-    """y = GELU(x + bias) for contiguous x (rows, N) and bias (N,); y has x's dtype."""
+def bias_gelu_forward(x, bias, approximate, scale=None):
+    """y = GELU(x + bias) (* scale) for contiguous x (rows, N), bias and scale (N,); y has x's dtype."""
     n_rows, n = x.shape
     y = empty((n_rows, n), x.dtype, x.device)
     if y.numel() == 0:
         return y
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_ROWS"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _bias_gelu_forward_kernel[grid](x, bias, y, n_rows, n, APPROXIMATE_TANH=approximate == "tanh")
+    _bias_gelu_forward_kernel[grid](x, bias, bias if scale is None else scale, y, n_rows, n,
+                                    APPROXIMATE_TANH=approximate == "tanh", HAS_SCALE=scale is not None)
     return y
 
 
@@ -175,44 +189,51 @@ def _backward_row_strips(n_rows, device):
     return rows_per_program, triton.cdiv(n_rows, rows_per_program)
 
 
-def bias_gelu_backward(dy, x, bias, approximate):
-    """(dx, dbias) for contiguous dy, x (rows, N) and bias (N,); dbias is summed in fp32, deterministically."""
+def bias_gelu_backward(dy, x, bias, approximate, scale=None):
+    """(dx, dbias, dscale or None) for contiguous dy, x (rows, N), bias and scale (N,); dbias and dscale are summed
+    in fp32, deterministically."""
     n_rows, n = x.shape
     dx = empty((n_rows, n), x.dtype, x.device)
     if dx.numel() == 0:
-        return dx, torch.zeros_like(bias)
+        return dx, torch.zeros_like(bias), None if scale is None else torch.zeros_like(scale)
     rows_per_program, row_programs = _backward_row_strips(n_rows, x.device)
     dbias_partial = empty((row_programs, n), torch.float32, x.device)
+    dscale_partial = dbias_partial if scale is None else empty((row_programs, n), torch.float32, x.device)
     grid = lambda meta: (row_programs, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _bias_gelu_backward_kernel[grid](dy, x, bias, dx, dbias_partial, n_rows, n, rows_per_program,
-                                     APPROXIMATE_TANH=approximate == "tanh")
-    return dx, dbias_partial.sum(dim=0).to(bias.dtype)
+    _bias_gelu_backward_kernel[grid](dy, x, bias, bias if scale is None else scale, dx, dbias_partial, dscale_partial,
+                                     n_rows, n, rows_per_program, APPROXIMATE_TANH=approximate == "tanh",
+                                     HAS_SCALE=scale is not None)
+    dscale = None if scale is None else dscale_partial.sum(dim=0).to(scale.dtype)
+    return dx, dbias_partial.sum(dim=0).to(bias.dtype), dscale
 
 
 class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bias, approximate):
+    def forward(ctx, x, bias, scale, approximate):
         x_2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
         bias = bias.contiguous()
-        y = bias_gelu_forward(x_2d, bias, approximate)
-        ctx.save_for_backward(x_2d, bias)
+        scale = None if scale is None else scale.contiguous()
+        y = bias_gelu_forward(x_2d, bias, approximate, scale)
+        ctx.save_for_backward(x_2d, bias, scale)
         ctx.approximate = approximate
         return y.view(x.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x_2d, bias = ctx.saved_tensors
-        dx, dbias = bias_gelu_backward(dy.reshape(x_2d.shape).contiguous(), x_2d, bias, ctx.approximate)
-        return dx.view(dy.shape), dbias, None
+        x_2d, bias, scale = ctx.saved_tensors
+        dx, dbias, dscale = bias_gelu_backward(dy.reshape(x_2d.shape).contiguous(), x_2d, bias, ctx.approximate,
+                                               scale)
+        return dx.view(dy.shape), dbias, dscale, None
 
 
-def bias_gelu(x, bias, approximate="none"):
-    """y = GELU(x + bias); x (..., N), bias (N,), y in x's dtype. approximate: "none" (erf, BERT's) or "tanh"."""
-    check_bias_gelu_inputs(x, bias, approximate)
+def bias_gelu(x, bias, approximate="none", scale=None):
+    """y = GELU(x + bias), times `scale` per column when given; x (..., N), bias and scale (N,), y in x's dtype.
+    approximate: "none" (erf, BERT's) or "tanh"."""
+    check_bias_gelu_inputs(x, bias, approximate, scale)
     if use_triton(x):
-        return BiasGeluFunction.apply(x, bias, approximate)
-    return reference.bias_gelu(x, bias, approximate)
+        return BiasGeluFunction.apply(x, bias, scale, approximate)
+    return reference.bias_gelu(x, bias, approximate, scale)
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -221,11 +242,15 @@ def compile_specs() -> list[CompileSpec]:
     for kernel in (_bias_gelu_forward_kernel, _bias_gelu_backward_kernel):
         for config in kernel.configs:
             for dtype in TRITON_DTYPE.values():
-                types = {name: f"*{dtype}" for name in ("X", "Bias", "Y", "DY", "DX")} | {"DBiasPartial": "*fp32"}
+                # The slimming scale is an fp32 parameter, as the master weights are under autocast.
+                types = {name: f"*{dtype}" for name in ("X", "Bias", "Y", "DY", "DX")} | {
+                    "DBiasPartial": "*fp32", "DScalePartial": "*fp32", "Scale": "*fp32"}
                 for approximate in ("none", "tanh"):
-                    # Real calls pass the width N (the row stride; BERT's widths are multiples of 16) and
-                    # rows_per_program (a multiple of _MAX_BLOCK_ROWS) as multiples of 16; n_rows is any count.
-                    specs.append(compile_spec(kernel, config, dtype, types, {"APPROXIMATE_TANH": approximate == "tanh"},
-                                              label=f"approximate={approximate}",
-                                              divisible_scalars=("N", "rows_per_program")))
+                    for has_scale in (False, True):
+                        # Real calls pass the width N (the row stride; BERT's widths are multiples of 16) and
+                        # rows_per_program (a multiple of _MAX_BLOCK_ROWS) as multiples of 16; n_rows is any count.
+                        constants = {"APPROXIMATE_TANH": approximate == "tanh", "HAS_SCALE": has_scale}
+                        specs.append(compile_spec(kernel, config, dtype, types, constants,
+                                                  label=f"approximate={approximate} scale={has_scale}",
+                                                  divisible_scalars=("N", "rows_per_program")))
     return specs

@@ -95,7 +95,9 @@ def layer_norm(x, weight, bias, eps=1e-12, residual=None):
     return y.to(x.dtype)
 
 
-def bias_gelu(x, bias, approximate="none"):
-    """GELU(x + bias); approximate="none" is BERT's exact erf form, "tanh" the tanh approximation."""
+def bias_gelu(x, bias, approximate="none", scale=None):
+    """GELU(x + bias), times `scale` per column when given; approximate="none" is BERT's exact erf form, "tanh" the
+    tanh approximation."""
     dtype = _compute_dtype(x.dtype)
-    return F.gelu(x.to(dtype) + bias.to(dtype), approximate=approximate).to(x.dtype)
+    y = F.gelu(x.to(dtype) + bias.to(dtype), approximate=approximate)
+    return (y if scale is None else y * scale.to(dtype)).to(x.dtype)

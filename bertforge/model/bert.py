@@ -65,7 +65,7 @@ class ResidualLayerNorm(nn.LayerNorm):
 
 class LinearGELU(nn.Linear):
     """GELU(x W^T + b): the matmul runs without its bias, which the fused GELU kernel adds instead. With
-    slimming, each output neuron is scaled by a learnable coefficient (EarlyBERT), initialised to 1."""
+    slimming, the kernel also scales each output neuron by a learnable coefficient (EarlyBERT), initialised to 1."""
 
     def __init__(self, in_features, out_features, approximate="none", slimming=False):
         super().__init__(in_features, out_features)
@@ -73,8 +73,7 @@ class LinearGELU(nn.Linear):
         self.neuron_scale = nn.Parameter(torch.ones(out_features)) if slimming else None
 
     def forward(self, x):
-        a = bias_gelu(F.linear(x, self.weight), self.bias, self.approximate)
-        return a if self.neuron_scale is None else a * self.neuron_scale.to(a.dtype)
+        return bias_gelu(F.linear(x, self.weight), self.bias, self.approximate, self.neuron_scale)
 
 
 class BertEmbeddings(nn.Module):

@@ -61,6 +61,32 @@ def test_matches_float64_reference(rows, n, dtype, approximate):
     check_against_float64(*make_inputs((rows, n), dtype), approximate)
 
 
+@pytest.mark.parametrize("approximate", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: TRITON_DTYPE[d])
+@pytest.mark.parametrize("rows, n", [(1, 100), (130, 768)])
+def test_the_per_neuron_scale_matches_float64_reference(rows, n, dtype, approximate):
+    """y = s * GELU(x + bias) with an fp32 scale (EarlyBERT's slimming coefficient): y, dx, dbias and dscale."""
+    x, bias = make_inputs((rows, n), dtype)
+    scale = torch.empty(n).uniform_(-1.5, 1.5)
+    inputs = [t.detach().requires_grad_() for t in (x, bias, scale)]
+    with poison_outputs():
+        y = gelu.bias_gelu(inputs[0], inputs[1], approximate, scale=inputs[2])
+        assert type(y.grad_fn).__name__ == TRITON_GRAD_FN
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, inputs, dy)
+    exact = [t.detach().double().requires_grad_() for t in (x, bias, scale)]
+    y64 = reference.bias_gelu(exact[0], exact[1], approximate, scale=exact[2])
+    grads64 = torch.autograd.grad(y64, exact, dy.double())
+    assert grads[2].dtype == torch.float32 and grads[2].shape == (n,)
+    for what, actual, expected in zip(("y", "dx", "dbias", "dscale"), (y, *grads), (y64, *grads64)):
+        assert_close_rel(actual.detach(), expected.detach(), x.dtype, what)
+
+
+def test_a_scale_of_the_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match=r"scale must have shape \(16,\)"):
+        gelu.bias_gelu(torch.randn(4, 16), torch.randn(16), "none", scale=torch.ones(15))
+
+
 @settings(max_examples=10, deadline=None)
 @given(
     leading=st.lists(st.integers(1, 12), min_size=0, max_size=2),
