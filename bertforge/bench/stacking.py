@@ -1,6 +1,7 @@
 """Progressive stacking against from-scratch training at the same final depth, on the real corpus.
 
-    python -m bertforge.bench.stacking --out report/stacking                # the CPU-sized comparison of the README
+    python -m bertforge.bench.stacking --out report/bench/stacking          # the CPU-sized comparison of the README
+    python -m bertforge.bench.stacking --scale base --out report/stacking-base   # BERT-base on a GPU, a few hours
     python -m bertforge.bench.stacking --stages 2:300,4:150,8:150 --stages 2:150,4:150,8:300   # several plans
 
 Every run sees the same data, optimizer and learning rate, and each decays its rate to zero within its own step
@@ -43,6 +44,12 @@ SCALES = {
                              max_seq_length=128, lr=1e-3, warmup_steps=50, dropout=0.1, vocab_size=8192),
                   depth=8, steps=1000, stages=["2:500,4:250,8:250"], eval_interval=50, eval_batches=16,
                   downstream=dict(epochs=3, lr=2e-4, batch_size=32, max_seq_length=64)),
+    # BERT-base on one GPU, Gong et al.'s plan (3 -> 6 -> 12 layers at 1/8, 3/10 and 7/10 of the budget) at 1/20 of
+    # its 400k steps: about 0.25 s a step on an A100 in bf16, a few hours for the four runs.
+    "base": dict(model=dict(hidden_size=768, num_heads=12, intermediate_size=3072, batch_size=256,
+                            max_seq_length=128, lr=1e-4, warmup_steps=1000, dropout=0.1),
+                 depth=12, steps=20000, stages=["3:2500,6:3500,12:14000"], eval_interval=500, eval_batches=50,
+                 downstream=dict(epochs=3, lr=5e-5, batch_size=32, max_seq_length=128)),
     "tiny": dict(model=dict(hidden_size=64, num_heads=2, intermediate_size=128, batch_size=8,
                             max_seq_length=64, lr=2e-3, warmup_steps=4, dropout=0.0),
                  depth=4, steps=24, stages=["1:6,2:6,4:12"], eval_interval=6, eval_batches=2,

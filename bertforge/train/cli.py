@@ -23,6 +23,7 @@ from .distributed import RankTimeout
 from .earlybird import EarlybirdConfig, earlybird
 from .export import ConvertConfig, convert
 from .finetune import FinetuneConfig, finetune
+from .loop import ConfigError
 from .pretrain import PretrainConfig, pretrain
 from .run_folder import RunFolderError
 from .text import CorpusError
@@ -111,7 +112,7 @@ def config_from_args(config_class, args: argparse.Namespace):
 
 # A user's mistake or a run that cannot go on: one line, no traceback.
 USER_ERRORS = (CorpusError, CheckpointError, RunFolderError, FloatingPointError, FileNotFoundError,
-               FileExistsError, RankTimeout, DataError)
+               FileExistsError, RankTimeout, DataError, ConfigError)
 
 
 def main(argv=None):

@@ -24,6 +24,7 @@ One learning rate (--lr) serves the search and the retraining; the L1 term is ad
 
 import dataclasses
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -36,7 +37,7 @@ from bertforge.model.slimming import EarlyBird, coefficients, draw_ticket, l1_pe
 
 from . import corpus
 from .finetune import TOKENIZER_FILES, FinetuneConfig, finetune
-from .loop import CHECKPOINT_NAME
+from .loop import CHECKPOINT_NAME, ConfigError
 from .run_folder import RunFolderError
 
 AFTER_DRAW = ("rewind", "continue")
@@ -214,6 +215,9 @@ def ticket_model(cfg: EarlybirdConfig, source_run: Path, ticket: dict, folder: P
 
 def earlybird(cfg: EarlybirdConfig) -> dict:
     """Search, draw, prune and retrain (each phase skipped when already done); returns the run's summary."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("bertforge earlybird runs in one process (its phases write shared files); run it without "
+                          "torchrun")
     out = Path(cfg.out_dir)
     if out.exists() and any(out.iterdir()):
         if cfg.overwrite:

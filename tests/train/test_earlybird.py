@@ -123,3 +123,9 @@ def test_the_search_trains_the_coefficients_with_the_l1_term(checkpoint, sentime
                          ffn_l1=1e3))
     last = torch.load(tmp_path / "run" / "ticket.pt", weights_only=False)["records"][-1]
     assert all(bool((c < 1).all()) for c in [*last["heads"], *last["ffn"]])
+
+
+def test_torchrun_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="runs in one process"):
+        cli_main(["earlybird", "--out_dir", str(tmp_path / "run")])
