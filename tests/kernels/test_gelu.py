@@ -188,11 +188,14 @@ def test_extreme_inputs_give_the_limits(approximate):
     assert torch.equal(dbias, (x[0] > 0).float())
 
 
-def test_saves_inputs_not_the_pre_activation():
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_saves_inputs_not_the_pre_activation(with_scale):
     x, bias = make_inputs((4, 64), torch.float32)
-    y = gelu.bias_gelu(x.requires_grad_(), bias.requires_grad_())
-    saved = y.grad_fn.saved_tensors
-    assert [t.data_ptr() for t in saved] == [x.data_ptr(), bias.data_ptr()]
+    scale = torch.rand(64).requires_grad_() if with_scale else None
+    y = gelu.bias_gelu(x.requires_grad_(), bias.requires_grad_(), scale=scale)
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    inputs = [x, bias] + ([scale] if with_scale else [])
+    assert [t.data_ptr() for t in saved] == [t.data_ptr() for t in inputs]
 
 
 def test_empty_input():
