@@ -4,10 +4,10 @@ dropout whose mask is cheap to draw on the CPU (`bertforge.kernels.dropout`).
 Imports nothing else of bertforge. See `_dispatch` for how a call picks Triton or the reference.
 """
 
-from .attention import attention
+from .attention import attention, attention_qkvpacked
 from .dropout import Dropout, dropout
 from .gelu import bias_gelu
 from ._validate import checks_values
 from .layer_norm import layer_norm
 
-__all__ = ["attention", "layer_norm", "bias_gelu", "dropout", "Dropout", "checks_values"]
+__all__ = ["attention", "attention_qkvpacked", "layer_norm", "bias_gelu", "dropout", "Dropout", "checks_values"]

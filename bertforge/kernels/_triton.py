@@ -35,6 +35,9 @@ class CompileSpec:
     config: str  # human label of the autotune config, e.g. "BLOCK_M=128,BLOCK_N=64,w4,s3"
     dtype: str  # "fp16" / "bf16" / "fp32"
     divisible_args: tuple = ()  # argument names the JIT would mark 16-divisible (aligned pointers, strides)
+    # Elements one iteration of the kernel's main loop covers (score elements for attention), or one program when
+    # it has no loop: the static report divides instruction counts by it. 0 = not stated.
+    elements_per_iteration: int = 0
 
 
 def config_label(config) -> str:
@@ -43,7 +46,7 @@ def config_label(config) -> str:
 
 
 def compile_spec(kernel, config, dtype: str, types: dict, constexprs: dict, label: str = "",
-                 divisible_scalars=()) -> CompileSpec:
+                 divisible_scalars=(), elements_per_iteration=None) -> CompileSpec:
     """One kernel variant for the offline compile check, the same way for every op.
 
     kernel: a @triton.jit function or the autotuner around one; config: the triton.Config it runs with (its block
@@ -51,14 +54,18 @@ def compile_spec(kernel, config, dtype: str, types: dict, constexprs: dict, labe
     others are i32); label: what tells this variant apart besides the config (e.g. a head_dim class).
     Pointers are marked 16-divisible, as the JIT marks torch's aligned pointers, and so are `divisible_scalars`,
     the integer arguments real calls pass as multiples of 16: without that, loads are not vectorised.
+    elements_per_iteration: a function of the constexprs (block sizes included) giving the elements one main-loop
+    iteration (or one loop-free program) covers.
     """
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     signature = kernel_signature(fn, types)
     divisible = tuple(a for a, kind in signature.items() if kind.startswith("*") or a in divisible_scalars)
+    constexprs = {**constexprs, **config.kwargs}
     return CompileSpec(kernel_name=fn.__name__.strip("_").removesuffix("_kernel"), fn=fn, signature=signature,
-                       constexprs={**constexprs, **config.kwargs}, num_warps=config.num_warps,
+                       constexprs=constexprs, num_warps=config.num_warps,
                        num_stages=config.num_stages, config=",".join(filter(None, (label, config_label(config)))),
-                       dtype=dtype, divisible_args=divisible)
+                       dtype=dtype, divisible_args=divisible,
+                       elements_per_iteration=elements_per_iteration(constexprs) if elements_per_iteration else 0)
 
 
 PROGRAMS_PER_SM = 4  # enough resident programs per SM to hide memory latency in the backward reductions

@@ -102,7 +102,7 @@ def _check_has_features(x):
         raise ValueError("x must have at least one dimension (..., N); got a 0-dim tensor")
 
 
-def check_layer_norm_inputs(x, weight, bias, eps, residual):
+def check_layer_norm_inputs(x, weight, bias, eps, residual, dropout_p=0.0):
     _check_float("x", x)
     _check_has_features(x)
     n = x.shape[-1]
@@ -116,12 +116,12 @@ def check_layer_norm_inputs(x, weight, bias, eps, residual):
         _check_float("residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device}, x on {x.device}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
 
 def check_bias_gelu_inputs(x, bias, approximate, scale=None):

@@ -17,8 +17,10 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import use_triton
+from ._philox import eight_uniforms
 from ._triton import TRITON_DTYPE, CompileSpec, compile_spec, empty, interpreting
 from ._validate import check_attention_inputs
+from .dropout import draw_dropout_seed, quantised_probability
 
 LOG2E = 1.4426950408889634
 
@@ -28,26 +30,27 @@ def _configs(*rows):
 
 
 # Autotune candidates for A100/H100, keyed by (element bytes, head_dim class): 2 = fp16/bf16, 4 = fp32 (tf32
-# dots); head_dim 16..64 share the 64 lists, 80..128 the 128 lists. Every entry was chosen with the offline
-# compile check (python -m bertforge.kernels.compile_check): none spills registers on sm_80 or sm_90 with
-# mask and dropout on, and all fit shared memory. Wider tiles than these spilled (e.g. forward 128x64 with 4
-# warps at head_dim 64 on sm_80, dK/dV 64x64 with 8 warps at head_dim 128 on sm_90).
+# dots); head_dim 16..64 share the 64 lists, 80..128 the 128 lists. Every entry passes the offline compile check
+# (python -m bertforge.kernels.compile_check) in every variant it can run in: each dtype and head_dim block of its
+# list, packed or padded, with or without a mask and dropout, on sm_80 and sm_90: no register spill, shared memory
+# within the limit. Tiles that spilled in any one variant were dropped, e.g. the forward's 64x64 with 4 warps and
+# 128x64 at head_dim 128, dK/dV 64x64 (4 or 8 warps) at head_dim 64; BLOCK_N is a multiple of 32 (dropout).
 FWD_CONFIGS = {
-    (2, 64): _configs((64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (32, 32, 4, 2)),
-    (2, 128): _configs((128, 64, 8, 3), (64, 32, 4, 4), (32, 32, 4, 2)),
-    (4, 64): _configs((64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)),
-    (4, 128): _configs((32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2)),
+    (2, 64): _configs((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (32, 32, 4, 2)),
+    (2, 128): _configs((64, 32, 4, 4), (32, 32, 4, 2)),
+    (4, 64): _configs((32, 32, 4, 2)),
+    (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2)),
 }
 DKDV_CONFIGS = {  # BLOCK_N keys held in registers, BLOCK_M queries streamed
-    (2, 64): _configs((64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 3), (32, 32, 4, 2)),
-    (2, 128): _configs((32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
-    (4, 64): _configs((32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)),
-    (4, 128): _configs((32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 2)),
+    (2, 64): _configs((64, 32, 8, 2), (32, 32, 4, 3)),
+    (2, 128): _configs((32, 64, 8, 2), (32, 32, 4, 2)),
+    (4, 64): _configs((32, 32, 2, 2)),
+    (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2)),
 }
 DQ_CONFIGS = {  # BLOCK_M queries held, BLOCK_N keys streamed
-    (2, 64): _configs((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
-    (2, 128): _configs((64, 32, 4, 2), (128, 64, 8, 3), (32, 64, 4, 2), (32, 32, 4, 2)),
-    (4, 64): _configs((32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
+    (2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
+    (2, 128): _configs((32, 64, 4, 2), (32, 32, 8, 2)),
+    (4, 64): _configs((32, 32, 4, 2), (64, 32, 4, 2)),
     (4, 128): _configs((32, 32, 4, 2)),
 }
 DELTA_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)  # elementwise + row sums: no loop
@@ -74,14 +77,22 @@ def _autotune(table):
 
 
 @triton.jit
-def _dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p):
-    """Keep-mask of a (rows x cols) tile: Philox keyed by (seed, batch*head), counter = row * max_seqlen + col.
+def _dropout_keep(seed, pid_bh, rows, col_start, max_seqlen, dropout_threshold, BLOCK_N: tl.constexpr):
+    """Keep-mask of the (rows x BLOCK_N) tile starting at column col_start (a multiple of 32), Philox keyed by
+    (seed, batch*head); see `_philox` for the uniforms and the threshold.
 
-    Forward and backward call it with the same arguments, so the backward sees the forward's mask.
+    Column col = 32 b + 8 j + 2 c + e takes uniform (word j, half e) of the call at counter row * max_seqlen +
+    4 b + c: a thread of the tensor-core accumulator layout owns columns 2c, 2c+1 of every 8, so each call's eight
+    uniforms land in one thread and the mask is built in registers, with no layout conversion. The mapping
+    depends on the absolute column only, so every kernel and tile size regenerates the forward's mask.
     """
+    tl.static_assert(BLOCK_N % 32 == 0, "the dropout mask is drawn in 32-column blocks")
+    BLOCK_M: tl.constexpr = rows.shape[0]
     rng_seed = seed.to(tl.int64) + (pid_bh.to(tl.int64) << 32)
-    offsets = rows[:, None] * max_seqlen + cols[None, :]
-    return tl.rand(rng_seed, offsets) >= dropout_p
+    counters = rows[:, None] * max_seqlen + (col_start // 8 + tl.arange(0, BLOCK_N // 8))[None, :]  # (row, 4 b + c)
+    uniforms = tl.reshape(eight_uniforms(rng_seed, counters), (BLOCK_M, BLOCK_N // 32, 4, 4, 2))  # [row, b, c, j, e]
+    uniforms = tl.reshape(tl.permute(uniforms, (0, 1, 3, 2, 4)), (BLOCK_M, BLOCK_N))
+    return uniforms >= dropout_threshold.to(tl.uint32)
 
 
 @triton.jit
@@ -103,8 +114,8 @@ def _load_rows(base, token_rows, row_ok, stride_row, offs_d, d_ok, DOT_IN_FP32: 
 
 
 @triton.jit
-def _recompute_p_dp(q, k, v, do, lse, key_real, rows, cols, scale_log2, dropout_p, seed, pid_bh, max_seqlen,
-                    HAS_DROPOUT: tl.constexpr):
+def _recompute_p_dp(q, k, v, do, lse, key_real, rows, col_start, scale_log2, dropout_threshold, dropout_scale,
+                    seed, pid_bh, max_seqlen, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
     """The backward's view of one (query block x key block) tile: P recomputed from the logsumexp, P after
     dropout (what multiplied V), and dP after dropout. The caller forms dS = P * (dP - delta) after its dV
     update: computing it earlier keeps more tiles alive and spilled registers on sm_90."""
@@ -112,9 +123,9 @@ def _recompute_p_dp(q, k, v, do, lse, key_real, rows, cols, scale_log2, dropout_
     p = tl.where(key_real[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v))
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p)
-        p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        keep = _dropout_keep(seed, pid_bh, rows, col_start, max_seqlen, dropout_threshold, BLOCK_N)
+        p_dropped = tl.where(keep, p * dropout_scale, 0.0)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
     else:
         p_dropped = p
     return p, p_dropped, dp
@@ -134,7 +145,8 @@ def _attention_fwd_kernel(
     Q, K, V, Out, Lse, KeyMask, CuSeqlens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_maskb,
-    num_heads, seqlen_padded, max_seqlen, head_dim, scale_log2, dropout_p, seed, SEQLEN_BUCKET,
+    num_heads, seqlen_padded, max_seqlen, head_dim, scale_log2, dropout_threshold, dropout_scale, seed,
+    SEQLEN_BUCKET,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -173,14 +185,14 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(seed, pid_bh, rows, cols, max_seqlen, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, pid_bh, rows, start_n, max_seqlen, dropout_threshold, BLOCK_N), p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
-        out = out / (1.0 - dropout_p)
+        out = out * dropout_scale
     o_ptrs = Out + b64 * stride_ob + h * stride_oh + (start + rows)[:, None].to(tl.int64) * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     # Base-2 logsumexp of the scaled scores; +inf for a row with no real key makes its recomputed P zero.
@@ -220,7 +232,8 @@ def _attention_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, KeyMask, CuSeqlens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_gb, stride_gh, stride_gm, stride_maskb,
-    num_heads, seqlen_padded, max_seqlen, head_dim, softmax_scale, scale_log2, dropout_p, seed, SEQLEN_BUCKET,
+    num_heads, seqlen_padded, max_seqlen, head_dim, softmax_scale, scale_log2, dropout_threshold, dropout_scale, seed,
+    SEQLEN_BUCKET,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -255,8 +268,9 @@ def _attention_bwd_dkdv_kernel(
         do = _load_rows(do_base, start + rows, row_ok, stride_dom, offs_d, d_ok, DOT_IN_FP32)
         lse = tl.load(Lse + stats_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + stats_base + rows, mask=row_ok, other=0.0)
-        p, p_dropped, dp = _recompute_p_dp(q, k, v, do, lse, key_real, rows, cols, scale_log2, dropout_p, seed,
-                                           pid_bh, max_seqlen, HAS_DROPOUT)
+        p, p_dropped, dp = _recompute_p_dp(q, k, v, do, lse, key_real, rows, pid_n * BLOCK_N, scale_log2,
+                                           dropout_threshold, dropout_scale, seed, pid_bh, max_seqlen, HAS_DROPOUT,
+                                           BLOCK_N)
         dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do)
         ds = p * (dp - delta[:, None])  # gradient of the scaled scores
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
@@ -274,7 +288,8 @@ def _attention_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, KeyMask, CuSeqlens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_gb, stride_gh, stride_gm, stride_maskb,
-    num_heads, seqlen_padded, max_seqlen, head_dim, softmax_scale, scale_log2, dropout_p, seed, SEQLEN_BUCKET,
+    num_heads, seqlen_padded, max_seqlen, head_dim, softmax_scale, scale_log2, dropout_threshold, dropout_scale, seed,
+    SEQLEN_BUCKET,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -309,8 +324,8 @@ def _attention_bwd_dq_kernel(
         k = _load_rows(k_base, start + cols, col_in, stride_kn, offs_d, d_ok, DOT_IN_FP32)
         v = _load_rows(v_base, start + cols, col_in, stride_vn, offs_d, d_ok, DOT_IN_FP32)
         key_real = _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK)
-        p, _, dp = _recompute_p_dp(q, k, v, do, lse, key_real, rows, cols, scale_log2, dropout_p, seed, pid_bh,
-                                   max_seqlen, HAS_DROPOUT)
+        p, _, dp = _recompute_p_dp(q, k, v, do, lse, key_real, rows, start_n, scale_log2, dropout_threshold,
+                                   dropout_scale, seed, pid_bh, max_seqlen, HAS_DROPOUT, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
 
@@ -336,11 +351,6 @@ def _dot_in_fp32(dtype):
     return interpreting() and dtype == torch.bfloat16
 
 
-def draw_dropout_seed() -> int:
-    """A seed for the dropout RNG, drawn from torch's default CPU generator (so torch.manual_seed governs it)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
-
-
 class AttentionProblem:
     """One attention call as the kernels see it (layout, sizes, dropout, scale, pointer arguments), computed once
     and shared by forward and backward."""
@@ -351,6 +361,9 @@ class AttentionProblem:
         self.max_seqlen = max_seqlen
         self.seqlen_padded = 0 if is_varlen else q.shape[2]
         self.dropout_p, self.seed = dropout_p, seed
+        # The kernels drop with the 16-bit quantised probability and scale by its exact inverse keep rate.
+        self.dropout_threshold, p_eff = quantised_probability(dropout_p)
+        self.dropout_scale = 1.0 / (1.0 - p_eff)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.key_mask = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
         # An absent mask or cu_seqlens still needs a valid pointer argument; the constexpr flags skip its loads.
@@ -364,7 +377,8 @@ class AttentionProblem:
             KeyMask=self.key_mask_arg, CuSeqlens=self.cu_seqlens_arg,
             stride_maskb=self.key_mask.stride(0) if self.key_mask is not None else 0,
             num_heads=self.heads, seqlen_padded=self.seqlen_padded, max_seqlen=self.max_seqlen,
-            head_dim=self.head_dim, dropout_p=self.dropout_p, seed=self.seed,
+            head_dim=self.head_dim, dropout_threshold=self.dropout_threshold, dropout_scale=self.dropout_scale,
+            seed=self.seed,
             SEQLEN_BUCKET=triton.next_power_of_2(max(self.max_seqlen, 1)),
             IS_VARLEN=self.is_varlen, HAS_MASK=self.key_mask is not None, HAS_DROPOUT=self.dropout_p > 0.0,
             BLOCK_D=_block_d(self.head_dim),
@@ -383,9 +397,10 @@ def _launch(kernel, grid, config, **args):
         kernel.fn[grid](**args, **config.all_kwargs())
 
 
-def attention_forward(q, k, v, problem, config=None):
-    """Returns (out, lse): out like q; lse (batch*heads, max_seqlen) float32, base-2 logsumexp of scaled scores."""
-    out = empty(q.shape, q.dtype, q.device)
+def attention_forward(q, k, v, problem, config=None, out=None):
+    """Returns (out, lse): out like q (or the given `out`, any strides but a unit last one); lse
+    (batch*heads, max_seqlen) float32, base-2 logsumexp of scaled scores."""
+    out = empty(q.shape, q.dtype, q.device) if out is None else out
     lse = empty((problem.batch * problem.heads, problem.max_seqlen), torch.float32, q.device)
     qs, ks, vs, os_ = (problem.strides(t) for t in (q, k, v, out))
     grid = lambda meta: (triton.cdiv(problem.max_seqlen, meta["BLOCK_M"]), problem.batch * problem.heads)  # noqa: E731
@@ -396,8 +411,9 @@ def attention_forward(q, k, v, problem, config=None):
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, problem, dkdv_config=None, dq_config=None):
-    """Returns (dq, dk, dv), deterministic: no atomics."""
+def attention_backward(do, q, k, v, out, lse, problem, dkdv_config=None, dq_config=None, grads=None):
+    """Returns (dq, dk, dv), deterministic: no atomics. `grads`: the three tensors to write them into, sharing one
+    set of strides (views of one packed dqkv buffer), else new contiguous ones."""
     args = problem.kernel_args()
     os_, dos = problem.strides(out), problem.strides(do)
     delta = empty(lse.shape, torch.float32, q.device)
@@ -407,7 +423,9 @@ def attention_backward(do, q, k, v, out, lse, problem, dkdv_config=None, dq_conf
         problem.heads, problem.seqlen_padded, problem.max_seqlen, problem.head_dim,
         IS_VARLEN=problem.is_varlen, BLOCK_D=args["BLOCK_D"], **DELTA_CONFIG.all_kwargs())
 
-    dq, dk, dv = (empty(q.shape, q.dtype, q.device) for _ in range(3))  # contiguous: one set of strides
+    dq, dk, dv = grads if grads is not None else (empty(q.shape, q.dtype, q.device) for _ in range(3))
+    if len({t.stride() for t in (dq, dk, dv)}) != 1:
+        raise ValueError("dq, dk and dv must share strides: the kernels take one set")
     qs, ks, vs, gs = (problem.strides(t) for t in (q, k, v, dq))
     shared = dict(Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta,
                   stride_qb=qs[0], stride_qh=qs[1], stride_qm=qs[2], stride_kb=ks[0], stride_kh=ks[1],
@@ -439,6 +457,40 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+class QKVPackedAttentionFunction(torch.autograd.Function):
+    """Attention on one fused projection: the backward writes dq, dk, dv into a single dqkv buffer, so autograd
+    does not stack three gradients into a new tensor (3 x tokens x hidden elements copied per layer)."""
+
+    @staticmethod
+    def forward(ctx, qkv, problem):
+        out = empty(qkv.shape[:-3] + qkv.shape[-2:], qkv.dtype, qkv.device)  # (tokens | batch, seq), heads, d
+        _, lse = attention_forward(*_qkv_views(qkv, problem.is_varlen), problem, out=_out_view(out, problem))
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.problem = problem
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse = ctx.saved_tensors
+        problem = ctx.problem
+        dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
+        attention_backward(_out_view(_unit_last_stride(dout), problem), *_qkv_views(qkv, problem.is_varlen),
+                           _out_view(out, problem), lse, problem, grads=_qkv_views(dqkv, problem.is_varlen))
+        return dqkv, None
+
+
+def _qkv_views(qkv, is_varlen):
+    """q, k, v views of a packed (tokens, 3, heads, d) or padded (batch, seq, 3, heads, d) tensor, in the layout
+    the kernels read: (tokens, heads, d) or (batch, heads, seq, d)."""
+    q, k, v = qkv.unbind(-3)
+    return (q, k, v) if is_varlen else (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+
+def _out_view(out, problem):
+    """The (batch, seq, heads, d) output of the padded layout as the (batch, heads, seq, d) view the kernels use."""
+    return out if problem.is_varlen else out.transpose(1, 2)
+
+
 def attention(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
               softmax_scale=None):
     """Bidirectional softmax(q k^T * scale) v with padding masks or packed sequences; differentiable.
@@ -463,23 +515,66 @@ def attention(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
     return AttentionFunction.apply(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), problem)
 
 
+# The layouts a call can launch (flags IS_VARLEN, HAS_MASK): packed (what BertModel trains with), padded with a
+# key_padding_mask, padded without one.
+LAYOUTS = {"varlen": (True, False), "masked": (False, True), "dense": (False, False)}
+BLOCK_DS = (16, 32, 64, 128)  # every block _block_d picks for head_dim 16..128
+
+
+def attention_qkvpacked(qkv, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
+                        softmax_scale=None):
+    """`attention` on a fused QKV projection, with one gradient buffer for it.
+
+    Packed: qkv (total_tokens, 3, heads, head_dim) with cu_seqlens -> (total_tokens, heads, head_dim).
+    Padded: qkv (batch, seq, 3, heads, head_dim), key_padding_mask optional -> (batch, seq, heads, head_dim),
+    written in that order (no transpose copy before the output projection). Arguments otherwise as `attention`.
+    """
+    packed = cu_seqlens is not None
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != (4 if packed else 5) or qkv.shape[-3] != 3:
+        shape = "(total_tokens, 3, heads, head_dim)" if packed else "(batch, seq, 3, heads, head_dim)"
+        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must have shape {shape}, got {got}")
+    q, k, v = _qkv_views(qkv, packed)
+    is_varlen, batch, heads, max_len, head_dim = check_attention_inputs(
+        q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    if not use_triton(qkv):
+        out = reference.attention(q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale)
+        return out if packed else out.transpose(1, 2)
+    if qkv.numel() == 0:
+        return qkv.new_empty(qkv.shape[:-3] + qkv.shape[-2:])
+    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
+    problem = AttentionProblem(q, key_padding_mask, cu_seqlens, is_varlen, batch, heads, max_len, head_dim,
+                               dropout_p, softmax_scale, seed)
+    return QKVPackedAttentionFunction.apply(_unit_last_stride(qkv), problem)
+
+
 def compile_specs() -> list[CompileSpec]:
-    """Every shipped kernel variant for the offline compile check: each config a call may run with, for
-    fp16/bf16/fp32 and both head_dim classes, with mask and dropout on (the variant with the most live registers)."""
+    """Every kernel variant a call can launch, for the offline compile check: each shipped config of each kernel,
+    for fp16/bf16/fp32, every head_dim block, each layout, with and without dropout."""
     kernels = (_attention_fwd_kernel, _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel)
     # Strides and head_dim are multiples of 16 on typical calls (head_dim is), so the JIT marks them divisible.
     divisible_scalars = {name for kernel in kernels for name in kernel.fn.arg_names if name.startswith("stride_")}
     divisible_scalars.add("head_dim")
+    score_tile = lambda c: c["BLOCK_M"] * c["BLOCK_N"]  # noqa: E731
     specs = []
     for torch_dtype, dtype in TRITON_DTYPE.items():
         types = {arg: f"*{dtype}" for arg in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")}
         types.update(Lse="*fp32", Delta="*fp32", KeyMask="*u8", CuSeqlens="*i32",
-                     scale_log2="fp32", softmax_scale="fp32", dropout_p="fp32")
-        for block_d in (64, 128):
-            flags = dict(IS_VARLEN=False, HAS_MASK=True, HAS_DROPOUT=True, DOT_IN_FP32=False, BLOCK_D=block_d)
-            for kernel, table in zip(kernels, (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS)):
-                for config in shipped_configs(table, block_d, torch_dtype.itemsize):
-                    specs.append(compile_spec(kernel, config, dtype, types, flags, f"D{block_d}", divisible_scalars))
-            specs.append(compile_spec(_attention_bwd_delta_kernel, DELTA_CONFIG, dtype, types,
-                                      dict(IS_VARLEN=False, BLOCK_D=block_d), f"D{block_d}", divisible_scalars))
+                     scale_log2="fp32", softmax_scale="fp32", dropout_scale="fp32")
+        for block_d in BLOCK_DS:
+            for layout, (is_varlen, has_mask) in LAYOUTS.items():
+                for dropout in (True, False):
+                    flags = dict(IS_VARLEN=is_varlen, HAS_MASK=has_mask, HAS_DROPOUT=dropout, DOT_IN_FP32=False,
+                                 BLOCK_D=block_d)
+                    label = f"D{block_d},{layout}" + (",dropout" if dropout else "")
+                    for kernel, table in zip(kernels, (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS)):
+                        for config in shipped_configs(table, block_d, torch_dtype.itemsize):
+                            specs.append(compile_spec(kernel, config, dtype, types, flags, label, divisible_scalars,
+                                                      elements_per_iteration=score_tile))
+            for is_varlen in (True, False):
+                specs.append(compile_spec(_attention_bwd_delta_kernel, DELTA_CONFIG, dtype, types,
+                                          dict(IS_VARLEN=is_varlen, BLOCK_D=block_d),
+                                          f"D{block_d}," + ("varlen" if is_varlen else "padded"), divisible_scalars,
+                                          elements_per_iteration=lambda c: c["BLOCK_M"] * c["BLOCK_D"]))
     return specs

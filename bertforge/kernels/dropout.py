@@ -19,20 +19,27 @@ import torch.nn.functional as F
 _LEVELS = 1 << 16
 
 
-def _effective_p(p: float) -> tuple[int, float]:
+def quantised_probability(p: float) -> tuple[int, float]:
+    """(threshold, drop probability): a 16-bit uniform below round(p * 2**16) drops; the probability that gives.
+    The attention kernels' dropout uses the same quantisation."""
     threshold = round(p * _LEVELS)
     return threshold, threshold / _LEVELS
 
 
 def keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor, float]:
     """(bool mask of `shape`, True = keep; the drop probability it was drawn with)."""
-    threshold, p_eff = _effective_p(p)
+    threshold, p_eff = quantised_probability(p)
     numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     words.random_(torch.iinfo(torch.int64).min, None)  # all 64 bits uniform (from=min, to=None is the full range)
     # Reinterpret as unsigned 16-bit values in [0, 2**16): int16 view, shifted by 2**15.
     uniform16 = words.view(torch.int16)[:numel].view(shape)
     return uniform16 >= threshold - _LEVELS // 2, p_eff
+
+
+def draw_dropout_seed() -> int:
+    """A seed for a kernel's dropout RNG, drawn from torch's default CPU generator (so torch.manual_seed governs it)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def _check_probability(p: float) -> None:

@@ -252,5 +252,6 @@ def compile_specs() -> list[CompileSpec]:
                         constants = {"APPROXIMATE_TANH": approximate == "tanh", "HAS_SCALE": has_scale}
                         specs.append(compile_spec(kernel, config, dtype, types, constants,
                                                   label=f"approximate={approximate} scale={has_scale}",
-                                                  divisible_scalars=("N", "rows_per_program")))
+                                                  divisible_scalars=("N", "rows_per_program"),
+                                                  elements_per_iteration=lambda c: c["BLOCK_ROWS"] * c["BLOCK_N"]))
     return specs

@@ -87,12 +87,15 @@ def _varlen_attention(q, k, v, cu_seqlens, dropout_p, scale):
     return torch.zeros_like(q).index_copy(0, torch.cat(token_index), torch.cat(outputs))
 
 
-def layer_norm(x, weight, bias, eps=1e-12, residual=None):
-    """LayerNorm(x + residual) over the last dimension, statistics in float32 (or float64 for float64 input)."""
-    h = x if residual is None else x + residual
-    dtype = _compute_dtype(x.dtype)
+def layer_norm(x, weight, bias, eps=1e-12, residual=None, dropout_p=0.0):
+    """LayerNorm(dropout(x) + residual) over the last dimension, in the residual's dtype (x's without one);
+    statistics in float32 (or float64 for float64 input)."""
+    h = dropout(x, dropout_p) if dropout_p > 0.0 else x
+    if residual is not None:
+        h = h.to(residual.dtype) + residual
+    dtype = _compute_dtype(h.dtype)
     y = F.layer_norm(h.to(dtype), h.shape[-1:], weight.to(dtype), bias.to(dtype), eps)
-    return y.to(x.dtype)
+    return y.to(h.dtype)
 
 
 def bias_gelu(x, bias, approximate="none", scale=None):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bertforge.kernels import Dropout, attention, bias_gelu, checks_values, layer_norm
+from bertforge.kernels import Dropout, attention_qkvpacked, bias_gelu, checks_values, layer_norm
 from bertforge.kernels.padding import pad
 
 from . import convert
@@ -53,14 +53,14 @@ class Layout:
 
 
 class ResidualLayerNorm(nn.LayerNorm):
-    """LN(x + residual) by the fused kernel, with nn.LayerNorm's parameters (and state-dict names)."""
+    """LN(dropout(x) + residual) by the fused kernel, with nn.LayerNorm's parameters (and state-dict names).
 
-    def forward(self, x, residual=None):
-        if residual is not None:
-            # Under autocast a sublayer's output is bf16/fp16 while the residual stream stays in the embeddings'
-            # fp32, as in Hugging Face where `hidden + input` promotes; compute in the stream's dtype.
-            x = x.to(residual.dtype)
-        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+    Under autocast a sublayer's output is bf16/fp16 while the residual stream stays in the embeddings' fp32, as in
+    Hugging Face where `hidden + input` promotes: the kernel reads each in its own dtype and writes the stream's.
+    """
+
+    def forward(self, x, residual=None, dropout_p=0.0):
+        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, dropout_p=dropout_p)
 
 
 class LinearGELU(nn.Linear):
@@ -107,12 +107,13 @@ class BertSelfAttention(nn.Module):
     def forward(self, x, layout: Layout):
         dropout_p = self.dropout_p if self.training else 0.0
         qkv = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim))  # (tokens, 3, heads, head_dim)
+        # One fused QKV tensor in, one gradient buffer for it out (no stack of dq, dk, dv in the backward).
         if layout.cu_seqlens is not None:
-            q, k, v = qkv.unbind(1)  # (tokens, heads, head_dim): the packed layout, no copy
-            y = attention(q, k, v, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, dropout_p=dropout_p)
+            y = attention_qkvpacked(qkv, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen,
+                                    dropout_p=dropout_p)  # (tokens, heads, head_dim)
         else:
-            q, k, v = qkv.unflatten(0, (layout.batch, layout.seqlen)).permute(2, 0, 3, 1, 4)  # (b, heads, s, d)
-            y = attention(q, k, v, key_padding_mask=layout.key_padding_mask, dropout_p=dropout_p).transpose(1, 2)
+            y = attention_qkvpacked(qkv.unflatten(0, (layout.batch, layout.seqlen)), dropout_p=dropout_p,
+                                    key_padding_mask=layout.key_padding_mask)  # (batch, seq, heads, head_dim)
         if self.head_scale is not None:  # y: (..., heads, head_dim) in both layouts
             y = y * self.head_scale.to(y.dtype)[:, None]
         return self.proj(y.reshape(x.shape[0], self.heads * self.head_dim))
@@ -131,11 +132,13 @@ class BertLayer(nn.Module):
         self.intermediate = LinearGELU(h, ffn, GELU_APPROXIMATE[config.hidden_act], config.slimming)
         self.output = nn.Linear(ffn, h)
         self.output_norm = ResidualLayerNorm(h, eps=eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.hidden_dropout_p = config.hidden_dropout_prob
 
     def forward(self, x, layout: Layout):
-        x = self.attention_norm(self.dropout(self.attention(x, layout)), residual=x)
-        return self.output_norm(self.dropout(self.output(self.intermediate(x))), residual=x)
+        # Each sublayer's dropout, residual add and LayerNorm are one kernel.
+        p = self.hidden_dropout_p if self.training else 0.0
+        x = self.attention_norm(self.attention(x, layout), residual=x, dropout_p=p)
+        return self.output_norm(self.output(self.intermediate(x)), residual=x, dropout_p=p)
 
 
 class BertEncoder(nn.Module):

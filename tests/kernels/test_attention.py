@@ -10,13 +10,20 @@ from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 from triton.runtime.interpreter import InterpretedFunction
 
-from bertforge.kernels import _validate, attention, checks_values, reference
+from bertforge.kernels import _validate, attention, attention_qkvpacked, checks_values, reference
 from bertforge.kernels._triton import poison_outputs
 from bertforge.kernels._validate import HEAD_DIMS, check_attention_inputs
 from bertforge.kernels.attention import (
-    DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, AttentionProblem, attention_backward, attention_forward, draw_dropout_seed,
+    DKDV_CONFIGS,
+    DQ_CONFIGS,
+    FWD_CONFIGS,
+    AttentionProblem,
+    attention_backward,
+    attention_forward,
+    draw_dropout_seed,
     shipped_configs,
 )
+from bertforge.kernels.dropout import quantised_probability
 from bertforge.kernels.padding import padded_to_varlen, varlen_to_padded
 from tests.conftest import assert_close_rel
 from tests.kernels.dropout_mask import dropout_keep_mask
@@ -37,8 +44,8 @@ def attention_math(q, k, v, key_padding_mask=None, keep=None, dropout_p=0.0):
         visible = key_padding_mask | ~has_key[:, None]
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = scores.softmax(-1)
-    if keep is not None:
-        probs = probs * keep / (1.0 - dropout_p)
+    if keep is not None:  # the kernels drop with the 16-bit quantised probability, and rescale by its keep rate
+        probs = probs * keep / (1.0 - quantised_probability(dropout_p)[1])
     out = probs @ v
     return out if has_key is None else out * has_key[:, None, None, None]
 
@@ -187,6 +194,61 @@ def test_strided_inputs_from_a_fused_qkv_projection():
     assert_close_rel(qkv.grad, leaf.grad, torch.float16, "dqkv")
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded", "masked"])
+def test_qkv_packed_matches_float64_with_dropout_and_writes_one_gradient_buffer(layout, fresh_seed):
+    """attention_qkvpacked against float64 with the kernels' own mask, every gradient in the one dqkv buffer
+    (autograd goes from the op straight to qkv: no unbind, no stack of dq, dk, dv)."""
+    heads, head_dim, p = 2, 32, 0.2
+    lengths = [33, 5, 20]
+    batch, seqlen = len(lengths), max(lengths)
+    mask = mask_from_lengths(lengths, seqlen) if layout != "padded" else torch.ones(batch, seqlen, dtype=torch.bool)
+    padded = torch.randn(batch, seqlen, 3, heads, head_dim, dtype=torch.float16)
+    if layout == "packed":
+        cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        qkv = padded[mask].requires_grad_()  # (tokens, 3, heads, head_dim)
+        kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=seqlen)
+    else:
+        qkv = padded.requires_grad_()
+        kwargs = dict(key_padding_mask=mask) if layout == "masked" else {}
+    torch.manual_seed(fresh_seed)
+    keep = dropout_keep_mask(batch, heads, seqlen, p, draw_dropout_seed(), qkv.device)
+    torch.manual_seed(fresh_seed)
+    with poison_outputs():
+        out = attention_qkvpacked(qkv, dropout_p=p, **kwargs)
+    assert type(out.grad_fn).__name__ == "QKVPackedAttentionFunctionBackward"
+    assert [type(f).__name__ for f, _ in out.grad_fn.next_functions] == ["AccumulateGrad"]
+    d_out = torch.randn_like(out)
+    with poison_outputs():
+        out.backward(d_out)
+
+    leaf = padded.detach().double().requires_grad_()
+    q, k, v = (leaf[:, :, i].transpose(1, 2) for i in range(3))
+    expected = attention_math(q, k, v, key_padding_mask=mask, keep=keep, dropout_p=p).transpose(1, 2)
+    if layout == "packed":
+        expected = expected[mask]  # (tokens, heads, head_dim)
+    expected.backward(d_out.double())
+    assert_close_rel(out.detach(), expected.detach(), torch.float16, "out")
+    assert_close_rel(qkv.grad, leaf.grad[mask] if layout == "packed" else leaf.grad, torch.float16, "dqkv")
+
+
+def test_qkv_packed_reference_path_has_the_same_layouts(monkeypatch):
+    monkeypatch.setenv("BERTFORGE_KERNELS", "reference")
+    qkv = torch.randn(2, 7, 3, 2, 16)
+    out = attention_qkvpacked(qkv)
+    expected = attention_math(*(qkv[:, :, i].transpose(1, 2) for i in range(3))).transpose(1, 2).float()
+    torch.testing.assert_close(out, expected)
+    cu_seqlens = torch.tensor([0, 7, 14], dtype=torch.int32)
+    packed = attention_qkvpacked(qkv.reshape(14, 3, 2, 16), cu_seqlens=cu_seqlens, max_seqlen=7)
+    torch.testing.assert_close(packed, expected.reshape(14, 2, 16))
+
+
+def test_qkv_packed_refuses_a_tensor_that_is_not_a_fused_projection():
+    with pytest.raises(ValueError, match=r"shape \(batch, seq, 3, heads, head_dim\), got \(2, 7, 4, 2, 16\)"):
+        attention_qkvpacked(torch.randn(2, 7, 4, 2, 16))
+    with pytest.raises(ValueError, match=r"qkv must have shape \(total_tokens, 3, heads, head_dim\)"):
+        attention_qkvpacked(torch.randn(2, 7, 3, 2, 16), cu_seqlens=torch.tensor([0, 2], dtype=torch.int32))
+
+
 def test_non_unit_last_stride_is_accepted():
     base = torch.randn(1, 2, 20, 64, 2, dtype=torch.float32)
     q = base[..., 0]  # last stride 2
@@ -326,6 +388,33 @@ def test_dropout_keep_rate_and_independence_across_heads(p):
     for i in range(1, batch * heads):
         agreement = (flat[0] == flat[i]).float().mean().item()
         assert abs(agreement - ((1 - p) ** 2 + p**2)) < 0.05
+
+
+def test_dropout_mask_is_the_same_whatever_the_tile():
+    """Forward and backward kernels, in every config, draw the mask in their own tiles: it must not change."""
+    seed = draw_dropout_seed()
+    reference_mask = dropout_keep_mask(1, 2, 100, 0.3, seed, torch.device("cpu"))
+    for block_m, block_n in [(32, 32), (128, 32), (16, 128)]:
+        assert torch.equal(dropout_keep_mask(1, 2, 100, 0.3, seed, torch.device("cpu"), block_m, block_n),
+                           reference_mask), (block_m, block_n)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_no_two_elements_share_random_bits(p):
+    """Each Philox call feeds eight elements of a row: any two elements of a 32-column block, of two blocks or of
+    two rows must agree at the rate of independent draws, (1-p)^2 + p^2, within 5 sigma (shared bits would agree
+    always)."""
+    heads, seqlen = 8, 128
+    keep = dropout_keep_mask(1, heads, seqlen, p, draw_dropout_seed(), torch.device("cpu"))[0]
+    blocks = keep.reshape(heads, seqlen, seqlen // 32, 32)  # [head, row, block, column in block]
+    expected = (1 - p) ** 2 + p**2
+    pairs = [(blocks[..., i], blocks[..., j]) for i in range(32) for j in range(i + 1, 32)]
+    pairs += [(keep[:, :-1], keep[:, 1:]), (keep[:, 0::2], keep[:, 1::2])]  # neighbouring rows
+    pairs += [(keep[..., :-shift], keep[..., shift:]) for shift in (32, 64)]  # the same place in other blocks
+    for first, second in pairs:
+        n = first.numel()
+        agreement = (first == second).float().mean().item()
+        assert abs(agreement - expected) < 5 * math.sqrt(expected * (1 - expected) / n), agreement
 
 
 def test_backward_is_deterministic():

@@ -8,10 +8,12 @@ interpreter-mode test session; the workers import this module by name to get the
 import importlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
+import torch
 import triton
 import triton.language as tl
 from triton.runtime import Autotuner
@@ -23,20 +25,58 @@ from bertforge.kernels.compile_check import (
     check,
     check_spec,
     format_table,
+    main_loop,
+    markdown_summary,
     module_path,
+    row_name,
+    sass_instructions,
+    sass_stats,
+    source_fingerprint,
     summary,
+    variant_name,
 )
+from bertforge.kernels.compile_check import main as compile_check_main
 
 ARCHS = (80, 90)
 
 
-def test_every_shipped_kernel_variant_compiles_without_spills_within_shared_memory():
-    rows = check(KERNELS, ARCHS)
-    assert {r["module"] for r in rows} == set(KERNELS)
-    assert {r["arch"] for r in rows} == set(ARCHS)
+REPORT = pathlib.Path(__file__).resolve().parents[2] / "report" / "kernels" / "compile_check.json"
+REGENERATE = ("regenerate it: python -m bertforge.kernels.compile_check --markdown --compare "
+              "report/kernels/compile_check_before.json --report report/kernels/compile_check.json")
+# What BertModel launches for the shipped checkpoints (MiniLM head_dim 32, BERT-base 64) in bf16 training and
+# evaluation: compiled afresh by the test below, with the memory-bound kernels whole.
+COMPILED_HERE = r"^(layer_norm|gelu)\.|^attention\.\S+ \[D(32|64),varlen,(dropout,)?.*\] bf16$"
+
+
+@pytest.fixture(scope="module")
+def committed_report():
+    return json.loads(REPORT.read_text())
+
+
+def test_the_committed_report_is_current_and_every_variant_in_it_passes(committed_report):
+    """The full check (every variant a call can launch: thousands of compiles, about 20 minutes on 2 cores) is
+    committed: it must come from today's kernel sources, list exactly today's variants, and have no failure."""
+    assert committed_report["sources"] == source_fingerprint(KERNELS), f"the kernels changed; {REGENERATE}"
+    expected = {(variant_name(module_path(name), spec), arch) for name in KERNELS
+                for spec in importlib.import_module(module_path(name)).compile_specs() for arch in ARCHS}
+    rows = committed_report["rows"]
+    assert len(rows) == len(expected) and {(row_name(r), r["arch"]) for r in rows} == expected, REGENERATE
+    assert not [r for r in rows if r["problems"]], summary(rows)
+    before = json.loads((REPORT.parent / "compile_check_before.json").read_text())["rows"]
+    readme = (REPORT.parents[2] / "README.md").read_text()
+    assert markdown_summary(rows, before) in readme, "the README's tables are not the report's: paste --markdown's"
+
+
+def test_a_fresh_compile_agrees_with_the_committed_report(committed_report):
+    rows = check(KERNELS, ARCHS, only=COMPILED_HERE)
+    assert {r["module"] for r in rows} == set(KERNELS) and {r["arch"] for r in rows} == set(ARCHS)
     print(format_table(rows))
-    failed = [r for r in rows if r["problems"]]
-    assert not failed, summary(rows)
+    assert not [r for r in rows if r["problems"]], summary(rows)
+    if committed_report["triton"] != triton.__version__:
+        pytest.skip(f"the report was compiled by triton {committed_report['triton']}, this is {triton.__version__}")
+    reported = {(row_name(r), r["arch"]): r for r in committed_report["rows"]}
+    for row in rows:
+        assert row == reported[row_name(row), row["arch"]], f"{row_name(row)} sm_{row['arch']}: {REGENERATE}"
 
 
 @pytest.mark.parametrize("name", KERNELS)
@@ -57,6 +97,33 @@ def test_specs_cover_every_kernel_config_and_dtype(name):
             compiled = any(s.num_warps == config.num_warps and s.num_stages == config.num_stages
                            and config.kwargs.items() <= s.constexprs.items() for s in mine)
             assert compiled, f"{fn.__name__} [{config_label(config)}] is never compiled"
+
+
+def test_attention_specs_cover_every_flag_combination_a_call_launches():
+    """The launcher's own kernel arguments, for every layout, dropout setting and head_dim the API accepts, each
+    appear in the compiled specs of every attention kernel."""
+    attention = importlib.import_module("bertforge.kernels.attention")
+    launched = set()
+    for head_dim in range(16, 129, 16):
+        for dropout_p in (0.0, 0.1):
+            q = torch.zeros(2, 3, 5, head_dim)
+            padded = dict(cu_seqlens=None, is_varlen=False, batch=2, heads=3, max_seqlen=5)
+            layouts = [dict(padded, key_padding_mask=torch.ones(2, 5, dtype=torch.bool)),
+                       dict(padded, key_padding_mask=None),
+                       dict(key_padding_mask=None, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32),
+                            is_varlen=True, batch=2, heads=3, max_seqlen=3)]
+            for layout in layouts:
+                problem = attention.AttentionProblem(q, head_dim=head_dim, dropout_p=dropout_p, softmax_scale=None,
+                                                     seed=0, **layout)
+                args = problem.kernel_args()
+                launched.add(tuple(args[k] for k in ("IS_VARLEN", "HAS_MASK", "HAS_DROPOUT", "BLOCK_D")))
+    assert len(launched) == 3 * 2 * 4
+    specs = attention.compile_specs()
+    for kernel in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
+        compiled = {tuple(s.constexprs[k] for k in ("IS_VARLEN", "HAS_MASK", "HAS_DROPOUT", "BLOCK_D"))
+                    for s in specs if s.kernel_name == kernel}
+        assert launched <= compiled, f"{kernel}: never compiled: {sorted(launched - compiled)}"
+        assert all(not s.constexprs["DOT_IN_FP32"] for s in specs if s.kernel_name == kernel)  # interpreter only
 
 
 # --- toys that must pass or fail --------------------------------------------------------------------------------
@@ -89,6 +156,18 @@ def _toy_matmul(A, B, C, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_
     tl.store(C + rm[:, None] * BLOCK_N + rn[None, :], acc.to(C.dtype.element_ty))
 
 
+@triton.jit
+def _toy_exp_matmul(A, B, C, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A loop whose iteration takes exp of every element of a BLOCK_M x BLOCK_N product tile.
+    rm, rn, rk = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(A + rm[:, None] * K + (k + rk)[None, :])
+        b = tl.load(B + (k + rk)[:, None] * BLOCK_N + rn[None, :])
+        acc += tl.exp2(tl.dot(a, b))
+    tl.store(C + rm[:, None] * BLOCK_N + rn[None, :], acc.to(C.dtype.element_ty))
+
+
 def compile_specs():
     """The toys' variants; the compile workers call this (module found by name)."""
     matmul_signature = {"A": "*fp16", "B": "*fp16", "C": "*fp16", "K": "i32",
@@ -104,6 +183,8 @@ def compile_specs():
         # tl.dot needs an inner dimension of at least 16 on a GPU (the interpreter would accept 8).
         CompileSpec("thin_dot", _toy_matmul, matmul_signature, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 8},
                     4, 1, "BLOCK_K=8,w4,s1", "fp16", ("A", "B", "C", "K")),
+        CompileSpec("exp_matmul", _toy_exp_matmul, matmul_signature, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32},
+                    4, 2, "BLOCK=64,w4,s2", "fp16", ("A", "B", "C", "K"), elements_per_iteration=64 * 64),
     ]
 
 
@@ -145,7 +226,8 @@ def test_module_without_compile_specs_is_an_error():
 def test_table_has_a_line_per_variant_and_a_status(toy_rows):
     rows = list(toy_rows.values())
     lines = format_table(rows).splitlines()
-    assert lines[0].split() == "kernel config dtype arch regs spill B smem KB limit KB status".split()
+    assert lines[0].split() == ("kernel config dtype arch regs spill B smem KB limit KB loop instr mma mufu local "
+                                "instr/elem status").split()
     assert len(lines) == 2 + len(rows)
     statuses = {line.split()[0] + " " + line.split()[3]: line.split()[-1] for line in lines[2:]}
     assert statuses[f"{__name__}.scale sm_80"] == "ok"
@@ -161,6 +243,83 @@ def test_command_line_prints_json_rows_and_exits_nonzero_on_a_failure():
                              "--arch", "80", "--json", "--jobs", "1"], capture_output=True, text=True, env=env)
     assert result.returncode == 1, result.stderr
     rows = json.loads(result.stdout)
-    assert [r["kernel"] for r in rows] == ["scale", "register_hog", "shared_hog", "thin_dot"]
+    assert [r["kernel"] for r in rows] == ["scale", "register_hog", "shared_hog", "thin_dot", "exp_matmul"]
     assert all(r["arch"] == 80 for r in rows)
-    assert "FAILED: 3 of 4" in result.stderr
+    assert "FAILED: 3 of 5" in result.stderr
+
+
+def test_compare_refuses_a_file_that_is_not_a_report(tmp_path, capsys):
+    (tmp_path / "rows.json").write_text("[]")
+    with pytest.raises(SystemExit) as exit_info:
+        compile_check_main(["--markdown", "--compare", str(tmp_path / "rows.json")])
+    assert exit_info.value.code == 2
+    assert "not a report written by --report" in capsys.readouterr().err
+
+
+def test_only_compiles_the_variants_its_regex_names():
+    rows = check([__name__], (80,), jobs=1, only=r"\.(scale|exp_matmul) ")
+    assert [r["kernel"] for r in rows] == ["scale", "exp_matmul"]
+    with pytest.raises(CompileCheckError, match="no variant matches"):
+        check([__name__], (80,), jobs=1, only="no such kernel")
+
+
+# --- the static report: counts read from the SASS ------------------------------------------------------------
+
+LISTING = """
+\tcode for sm_80
+\t\tFunction : flat
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   EXIT ;
+        /*0020*/                   BRA 0x20;
+\t\tFunction : other
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   BRA 0x0 ;
+\t\tFunction : kernel
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0020*/                   MUFU.EX2 R2, R3 ;
+        /*0030*/                   LDL R5, [R1] ;
+        /*0040*/               @P0 BRA 0x10 ;
+        /*0050*/                   NOP ;
+        /*0060*/                   MUFU.EX2 R2, R3 ;
+        /*0070*/              @!P1 BRA 0x60 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+"""
+
+
+def test_the_main_loop_is_the_largest_backward_branch_body():
+    instructions = sass_instructions(LISTING, "kernel")
+    assert [opcode for _, opcode, _ in instructions] == [
+        "MOV", "HMMA.16816.F32", "MUFU.EX2", "LDL", "BRA", "MUFU.EX2", "BRA", "EXIT", "BRA"]  # NOP left out
+    assert [address for address, _, _ in main_loop(instructions)] == [0x10, 0x20, 0x30, 0x40]
+    stats = sass_stats(instructions)
+    assert (stats["loop_instructions"], stats["loop_hmma"], stats["loop_mufu"], stats["loop_local_memory_ops"]) \
+        == (4, 1, 1, 1)
+    assert len(main_loop(sass_instructions(LISTING, "other"))) == 2  # a jump back to address 0 is a loop too
+    assert main_loop(sass_instructions(LISTING, "flat")) == []  # the branch to itself after EXIT is no loop
+    assert sass_stats(sass_instructions(LISTING, "flat"))["loop_instructions"] is None
+    with pytest.raises(RuntimeError, match="no function missing"):
+        sass_instructions(LISTING, "missing")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_loop_of_dots_and_exps_shows_its_tensor_core_and_mufu_instructions(toy_rows, arch):
+    row = toy_rows["exp_matmul", arch]
+    assert row["problems"] == []
+    assert 0 < row["loop_instructions"] < row["instructions"]
+    # Every thread of the 4 warps takes exp2 of its 64 * 64 / 128 = 32 elements each iteration: one MUFU each.
+    assert row["loop_mufu"] >= 32
+    if arch == 80:
+        assert row["loop_hmma"] > 0 and row["hgmma_ops"] == 0
+    else:  # a 64-row tile per warpgroup runs on wgmma, no mma.sync fallback
+        assert row["loop_hgmma"] > 0 and row["hmma_ops"] == 0
+    assert row["loop_instructions_per_element"] == round(row["loop_instructions"] * 32 * 4 / (64 * 64), 2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loop_free_and_spilling_kernels(toy_rows, arch):
+    scale, hog = toy_rows["scale", arch], toy_rows["register_hog", arch]
+    assert scale["loop_instructions"] is None and scale["instructions"] > 0
+    assert scale["loop_instructions_per_element"] is None  # its spec states no element count
+    assert hog["local_memory_ops"] > 0 and scale["local_memory_ops"] == 0

@@ -1,6 +1,7 @@
-"""Fused residual-add + LayerNorm: the Triton kernels (run by the interpreter on CPU) against a float64 reference."""
+"""Fused dropout + residual-add + LayerNorm: the Triton kernels (run by the interpreter on CPU) against a float64 reference."""
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -9,8 +10,10 @@ from hypothesis import strategies as st
 
 from bertforge.kernels import reference
 from bertforge.kernels._triton import poison_outputs
+from bertforge.kernels.dropout import draw_dropout_seed, quantised_probability
 from bertforge.kernels.layer_norm import MAX_N, layer_norm
 from conftest import assert_close_rel
+from tests.kernels.dropout_mask import row_dropout_keep_mask
 
 # The package re-exports the function under the module's name, so fetch the module itself for monkeypatching.
 layer_norm_module = importlib.import_module("bertforge.kernels.layer_norm")
@@ -29,21 +32,29 @@ def make_inputs(shape, dtype, with_residual, param_dtype=None):
     return x, weight, bias, residual
 
 
-def check_against_float64(x, weight, bias, residual, eps=1e-12, dy=None):
-    """Forward and backward through the Triton path with poisoned outputs; y and every gradient vs float64."""
+def check_against_float64(x, weight, bias, residual, eps=1e-12, dy=None, dropout_p=0.0):
+    """Forward and backward through the Triton path with poisoned outputs; y and every gradient vs float64 (with
+    dropout: the kernels' own mask, drawn from the same seed, applied in float64)."""
     inputs = {"x": x, "weight": weight, "bias": bias, "residual": residual}
     leaves = {name: t.detach().requires_grad_() for name, t in inputs.items() if t is not None}
     leaves64 = {name: t.detach().double().requires_grad_() for name, t in leaves.items()}  # same rounded values
 
+    state = torch.get_rng_state()
     with poison_outputs():
-        y = layer_norm(**leaves, eps=eps)
+        y = layer_norm(**leaves, eps=eps, dropout_p=dropout_p)
         assert type(y.grad_fn).__name__ == "LayerNormFunctionBackward", "the Triton path did not run"
         dy = torch.randn_like(y) if dy is None else dy
         grads = torch.autograd.grad(y, list(leaves.values()), dy)
-    y64 = reference.layer_norm(**leaves64, eps=eps)
+    x64 = leaves64["x"]
+    if dropout_p > 0.0:
+        torch.set_rng_state(state)  # the seed the call drew
+        keep = row_dropout_keep_mask(x.shape, dropout_p, draw_dropout_seed())
+        x64 = x64 * keep / (1.0 - quantised_probability(dropout_p)[1])
+    y64 = reference.layer_norm(x64, leaves64["weight"], leaves64["bias"], eps=eps, residual=leaves64.get("residual"))
     grads64 = torch.autograd.grad(y64, list(leaves64.values()), dy.double())
 
-    assert y.dtype == x.dtype
+    stream = residual if residual is not None else x
+    assert y.dtype == stream.dtype
     assert_close_rel(y.detach(), y64.detach(), x.dtype, "y")
     for (name, leaf), grad, grad64 in zip(leaves.items(), grads, grads64):
         assert grad.dtype == leaf.dtype, f"d{name} has dtype {grad.dtype}, its input {leaf.dtype}"
@@ -72,6 +83,37 @@ def test_largest_supported_row(dtype):
        dtype=st.sampled_from(DTYPES), with_residual=st.booleans())
 def test_random_shapes_match_float64(batch, seq, n, dtype, with_residual):
     check_against_float64(*make_inputs((batch, seq, n), dtype, with_residual), eps=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
+@pytest.mark.parametrize("rows, n", [(5, 768), (3, 100)])
+def test_dropout_matches_float64_with_the_kernels_mask(rows, n, with_residual, dtype):
+    """Dropout of x before the residual add; the backward regenerates the mask for dx and leaves dresidual whole."""
+    check_against_float64(*make_inputs((rows, n), dtype, with_residual), dropout_p=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_half_sublayer_output_on_a_float32_stream(dtype, dropout_p):
+    """Under autocast: x in half precision, residual stream and parameters fp32; y and dresidual in fp32."""
+    x, weight, bias, residual = make_inputs((6, 384), dtype, with_residual=True, param_dtype=torch.float32)
+    check_against_float64(x, weight, bias, residual.float(), dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_row_dropout_keep_rate_and_no_shared_random_bits(p):
+    """Keep rate within 5 sigma; neighbouring columns, columns 8 apart and neighbouring rows agree at the rate of
+    independent draws (one Philox call feeds eight columns: bits shared between two would agree always)."""
+    keep = row_dropout_keep_mask((64, 1024), p, draw_dropout_seed())
+    rate, n = keep.float().mean().item(), keep.numel()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    expected = (1 - p) ** 2 + p**2
+    pairs = [(keep[:, i::8], keep[:, j::8]) for i in range(8) for j in range(i + 1, 8)]
+    pairs += [(keep[:, :-8], keep[:, 8:]), (keep[:-1], keep[1:])]
+    for first, second in pairs:
+        agreement = (first == second).float().mean().item()
+        assert abs(agreement - expected) < 5 * math.sqrt(expected * (1 - expected) / first.numel()), agreement
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -160,12 +202,12 @@ def test_rows_too_long_for_triton_raise():
 @pytest.mark.parametrize("make_bad_call, error, message", [
     (lambda x, w, b, r: layer_norm(x, w[:-1], b, residual=r), ValueError, r"weight must have shape \(32,\)"),
     (lambda x, w, b, r: layer_norm(x, w, b.unsqueeze(0), residual=r), ValueError, r"bias must have shape \(32,\)"),
-    (lambda x, w, b, r: layer_norm(x, w, b, residual=r.half()), TypeError, "residual must have x's dtype"),
     (lambda x, w, b, r: layer_norm(x, w, b, residual=r[:-1]), ValueError, "residual must have x's shape"),
     (lambda x, w, b, r: layer_norm(x.long(), w, b), TypeError, "x must have dtype"),
     (lambda x, w, b, r: layer_norm(x.tolist(), w, b), TypeError, "x must be a torch.Tensor"),
     (lambda x, w, b, r: layer_norm(x, w, b, eps=0.0), ValueError, "eps must be positive"),
-], ids=["weight_shape", "bias_shape", "residual_dtype", "residual_shape", "int_x", "list_x", "eps"])
+    (lambda x, w, b, r: layer_norm(x, w, b, residual=r, dropout_p=1.0), ValueError, r"dropout_p must be .* \[0, 1\)"),
+], ids=["weight_shape", "bias_shape", "residual_shape", "int_x", "list_x", "eps", "dropout_p"])
 def test_bad_input_raises_a_clear_error(make_bad_call, error, message):
     with pytest.raises(error, match=message):
         make_bad_call(*make_inputs((3, 32), torch.float32, with_residual=True))
