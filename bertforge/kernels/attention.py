@@ -33,12 +33,13 @@ def _configs(*rows):
 # dots); head_dim 16..64 share the 64 lists, 80..128 the 128 lists. Every entry passes the offline compile check
 # (python -m bertforge.kernels.compile_check) in every variant it can run in: each dtype and head_dim block of its
 # list, packed or padded, with or without a mask and dropout, on sm_80 and sm_90: no register spill, shared memory
-# within the limit. Tiles that spilled in any one variant were dropped, e.g. the forward's 64x64 with 4 warps and
-# 128x64 at head_dim 128, dK/dV 64x64 (4 or 8 warps) at head_dim 64; BLOCK_N is a multiple of 32 (dropout).
+# within the limit. Tiles that spilled in any one variant were dropped, e.g. the forward's 64x64 with 4 warps,
+# 128x32, 32x32 with 4 warps in fp32 and, at head_dim 128, 128x64, dK/dV 64x64 (4 or 8 warps) at head_dim 64;
+# BLOCK_N is a multiple of 32 (dropout).
 FWD_CONFIGS = {
-    (2, 64): _configs((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (32, 32, 4, 2)),
+    (2, 64): _configs((128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)),
     (2, 128): _configs((64, 32, 4, 4), (32, 32, 4, 2)),
-    (4, 64): _configs((32, 32, 4, 2)),
+    (4, 64): _configs((32, 32, 2, 2), (32, 32, 4, 1)),
     (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2)),
 }
 DKDV_CONFIGS = {  # BLOCK_N keys held in registers, BLOCK_M queries streamed
@@ -139,6 +140,39 @@ def _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK: tl.constexpr)
     return real
 
 
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, start_n, q, k_base, v_base, start, seqlen, offs_n, offs_d, d_ok, stride_kn, stride_vn,
+              KeyMask, b, stride_maskb, scale_log2, seed, pid_bh, rows, max_seqlen, dropout_threshold,
+              MASK_KEYS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """One key tile of the forward's online softmax: the updated (acc, running max, denominator). The max runs on
+    the unscaled dot (the scale is positive), so the exponent is one FFMA per score, as in the Triton tutorial;
+    MASK_KEYS is off for a whole tile without a key padding mask, which then loads and scores unmasked."""
+    cols = start_n + offs_n
+    if MASK_KEYS:
+        col_in = cols < seqlen
+        k = _load_rows(k_base, start + cols, col_in, stride_kn, offs_d, d_ok, DOT_IN_FP32)
+        v = _load_rows(v_base, start + cols, col_in, stride_vn, offs_d, d_ok, DOT_IN_FP32)
+        key_real = _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK)
+        qk = tl.where(key_real[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+    else:
+        k = _load_rows(k_base, start + cols, cols >= 0, stride_kn, offs_d, d_ok, DOT_IN_FP32)
+        v = _load_rows(v_base, start + cols, cols >= 0, stride_vn, offs_d, d_ok, DOT_IN_FP32)
+        qk = tl.dot(q, tl.trans(k))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    if MASK_KEYS:  # while a row has seen no real key its max is -inf: subtract 0 instead, so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # a whole tile of real keys: the max is finite
+        m_safe = m_new
+    p = tl.exp2(qk * scale_log2 - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
+    if HAS_DROPOUT:
+        p = tl.where(_dropout_keep(seed, pid_bh, rows, start_n, max_seqlen, dropout_threshold, BLOCK_N), p, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
 @_autotune(FWD_CONFIGS)
 @triton.jit
 def _attention_fwd_kernel(
@@ -171,23 +205,23 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, seqlen, BLOCK_N):
-        cols = start_n + offs_n
-        col_in = cols < seqlen
-        k = _load_rows(k_base, start + cols, col_in, stride_kn, offs_d, d_ok, DOT_IN_FP32)
-        v = _load_rows(v_base, start + cols, col_in, stride_vn, offs_d, d_ok, DOT_IN_FP32)
-        key_real = _key_is_real(KeyMask, b, stride_maskb, cols, seqlen, HAS_MASK)
-        s = tl.where(key_real[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # While a row has seen no real key its max is -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
-        if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(seed, pid_bh, rows, start_n, max_seqlen, dropout_threshold, BLOCK_N), p, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Every key tile but the last partial one is whole and needs no mask; under a key padding mask, every tile does.
+    # At head_dim 128 and in fp32 the second copy of the tile's code spilled registers: there every tile masks.
+    if HAS_MASK or BLOCK_D > 64 or Q.dtype.element_ty == tl.float32:
+        for start_n in range(0, seqlen, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_n, q, k_base, v_base, start, seqlen, offs_n, offs_d, d_ok,
+                                      stride_kn, stride_vn, KeyMask, b, stride_maskb, scale_log2, seed, pid_bh, rows,
+                                      max_seqlen, dropout_threshold, True, HAS_MASK, HAS_DROPOUT, DOT_IN_FP32, BLOCK_N)
+    else:
+        whole_end = seqlen // BLOCK_N * BLOCK_N
+        for start_n in range(0, whole_end, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_n, q, k_base, v_base, start, seqlen, offs_n, offs_d, d_ok,
+                                      stride_kn, stride_vn, KeyMask, b, stride_maskb, scale_log2, seed, pid_bh, rows,
+                                      max_seqlen, dropout_threshold, False, HAS_MASK, HAS_DROPOUT, DOT_IN_FP32, BLOCK_N)
+        if whole_end < seqlen:  # the partial tile, outside the loop: the loop's body stays the unmasked one
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, whole_end, q, k_base, v_base, start, seqlen, offs_n, offs_d, d_ok,
+                                      stride_kn, stride_vn, KeyMask, b, stride_maskb, scale_log2, seed, pid_bh, rows,
+                                      max_seqlen, dropout_threshold, True, HAS_MASK, HAS_DROPOUT, DOT_IN_FP32, BLOCK_N)
 
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
