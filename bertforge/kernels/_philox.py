@@ -7,6 +7,10 @@ CPU dropout. 7 rounds, as FlashAttention-2's Triton LayerNorm uses (Triton's def
 import triton
 import triton.language as tl
 
+# Kernel arguments that change from call to call: the JIT must not specialise on their values (it would make a 1 a
+# compile-time constant and compile again for multiples of 16).
+DRAWN_PER_CALL = ["seed", "dropout_threshold"]
+
 
 @triton.jit
 def eight_uniforms(seed, counters):

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import use_triton
-from ._philox import eight_uniforms
+from ._philox import DRAWN_PER_CALL, eight_uniforms
 from ._triton import TRITON_DTYPE, CompileSpec, compile_spec, empty, interpreting
 from ._validate import check_attention_inputs
 from .dropout import draw_dropout_seed, quantised_probability
@@ -174,7 +174,7 @@ def _fwd_tile(acc, m_i, l_i, start_n, q, k_base, v_base, start, seqlen, offs_n, 
 
 
 @_autotune(FWD_CONFIGS)
-@triton.jit
+@triton.jit(do_not_specialize=DRAWN_PER_CALL)
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse, KeyMask, CuSeqlens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -261,7 +261,7 @@ def _attention_bwd_delta_kernel(
 
 
 @_autotune(DKDV_CONFIGS)
-@triton.jit
+@triton.jit(do_not_specialize=DRAWN_PER_CALL)
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, KeyMask, CuSeqlens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -317,7 +317,7 @@ def _attention_bwd_dkdv_kernel(
 
 
 @_autotune(DQ_CONFIGS)
-@triton.jit
+@triton.jit(do_not_specialize=DRAWN_PER_CALL)
 def _attention_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, KeyMask, CuSeqlens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,

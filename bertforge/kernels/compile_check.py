@@ -156,8 +156,10 @@ def main_loop(instructions: list[tuple[int, str, str]]) -> list[tuple[int, str, 
     for address, opcode, operands in instructions:
         if opcode.split(".")[0] != "BRA":
             continue
-        target = int(re.search(r"0x([0-9a-f]+)", operands)[1], 16)
-        if target < address:  # a branch to itself ends the kernel (the trap after EXIT), it is no loop
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        # A branch to itself ends the kernel (the trap after EXIT), one to a register has no static target: no loop.
+        if target and int(target[1], 16) < address:
+            target = int(target[1], 16)
             body = [i for i in instructions if target <= i[0] <= address]
             best = max(best, body, key=len)
     return best
@@ -201,7 +203,7 @@ def _check_spec(module_name: str, index: int, arch: int) -> dict:
         compiled = triton.compile(_source(spec), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         usage = resource_usage(compiled.asm["cubin"])
-        sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+        sass = sass_instructions(_cuobjdump(compiled.asm["cubin"], "-sass"), compiled.metadata.name)
     except CompileCheckError:
         raise
     except Exception as e:  # a compiler rejection is a finding about this spec, not a crash of the check
@@ -213,7 +215,7 @@ def _check_spec(module_name: str, index: int, arch: int) -> dict:
     row.update(registers=entry["REG"], spill_bytes=sum(u["STACK"] for u in usage.values()),
                shared_static_bytes=entry["SHARED"], shared_dynamic_bytes=compiled.metadata.shared,
                shared_bytes=entry["SHARED"] + compiled.metadata.shared)
-    row.update(sass_stats(sass_instructions(sass, compiled.metadata.name)))
+    row.update(sass_stats(sass))
     row["loop_instructions_per_element"] = instructions_per_element(row, spec.elements_per_iteration)
     if row["spill_bytes"]:
         row["problems"].append(f"spills: {row['spill_bytes']} bytes of stack")
@@ -330,7 +332,8 @@ def source_fingerprint(kernels) -> dict:
         for attr, value in sorted(vars(module).items()):
             fn = value.fn if isinstance(value, Autotuner) else value
             if type(fn).__name__ in ("JITFunction", "InterpretedFunction"):
-                parts.append(f"{attr}\n{inspect.getsource(fn.fn)}")
+                source = inspect.getsource(fn.fn)  # from its def, as Triton hashes it: decorators set launch options
+                parts.append(f"{attr}\n{source[re.search(r'^def ', source, re.MULTILINE).start():]}")
             elif isinstance(value, tl.constexpr):
                 parts.append(f"{attr} = {value.value!r}")
         fingerprint[module_path(name)] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -419,6 +422,11 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--arch takes comma-separated integers such as 80,90, got {args.arch!r}")
 
+    if args.only is not None:
+        try:
+            re.compile(args.only)
+        except re.error as e:
+            parser.error(f"--only {args.only!r} is not a regular expression: {e}")
     before = None
     if args.compare:
         try:

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import use_triton
-from ._philox import eight_uniforms
+from ._philox import DRAWN_PER_CALL, eight_uniforms
 from ._triton import TRITON_DTYPE, CompileSpec, compile_spec, empty, programs_to_fill, prune_configs_for_host
 from ._validate import check_layer_norm_inputs
 from .dropout import draw_dropout_seed, quantised_probability
@@ -49,7 +49,7 @@ def _row_dropout_keep(seed, row, dropout_threshold, BLOCK_N: tl.constexpr):
 
 
 @triton.autotune(configs=FORWARD_CONFIGS, key=["N"], prune_configs_by={"early_config_prune": prune_configs_for_host})
-@triton.jit
+@triton.jit(do_not_specialize=DRAWN_PER_CALL)
 def _layer_norm_forward_kernel(
     X, Residual, Weight, Bias, Y, Mean, Rstd,  # X, Residual, Y: (rows, N) contiguous; Mean, Rstd: (rows,) fp32
     N, eps, seed, dropout_threshold, dropout_scale,
@@ -78,7 +78,7 @@ def _layer_norm_forward_kernel(
 
 
 @triton.autotune(configs=BACKWARD_CONFIGS, key=["N"], prune_configs_by={"early_config_prune": prune_configs_for_host})
-@triton.jit
+@triton.jit(do_not_specialize=DRAWN_PER_CALL)
 def _layer_norm_backward_kernel(
     DY, X, Residual, Weight, Mean, Rstd,  # DY, X, Residual: (rows, N) contiguous
     DX, DResidual,  # (rows, N) in x's and the residual's dtype; DResidual written only when WRITE_DRESIDUAL

@@ -126,6 +126,28 @@ def test_attention_specs_cover_every_flag_combination_a_call_launches():
         assert all(not s.constexprs["DOT_IN_FP32"] for s in specs if s.kernel_name == kernel)  # interpreter only
 
 
+@pytest.mark.parametrize("name", ["attention", "layer_norm"])
+def test_per_call_random_arguments_are_not_specialised(name):
+    """On a GPU the JIT would turn a seed or threshold of 1 into a compile-time constant (whose `.to` fails) and build
+    again for multiples of 16; the interpreter does not specialise, so the kernels' declarations are checked."""
+    module = importlib.import_module(module_path(name))
+    kernels = [obj.fn if isinstance(obj, Autotuner) else obj for attr, obj in vars(module).items()
+               if attr.endswith("_kernel")]
+    with_seed = [k for k in kernels if "seed" in k.arg_names]
+    assert with_seed
+    for kernel in with_seed:
+        declared = (kernel.kwargs.get("do_not_specialize") if hasattr(kernel, "kwargs")
+                    else [kernel.arg_names[i] for i in kernel.do_not_specialize])
+        assert {"seed", "dropout_threshold"} <= set(declared or ()), kernel.fn.__name__
+
+
+def test_a_bad_only_pattern_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compile_check_main(["--only", "(["])
+    assert exit_info.value.code == 2
+    assert "is not a regular expression" in capsys.readouterr().err
+
+
 # --- toys that must pass or fail --------------------------------------------------------------------------------
 
 @triton.jit
