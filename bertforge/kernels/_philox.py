@@ -7,9 +7,22 @@ CPU dropout. 7 rounds, as FlashAttention-2's Triton LayerNorm uses (Triton's def
 import triton
 import triton.language as tl
 
+from .dropout import quantised_probability
+
 # Kernel arguments that change from call to call: the JIT must not specialise on their values (it would make a 1 a
 # compile-time constant and compile again for multiples of 16).
 DRAWN_PER_CALL = ["seed", "dropout_threshold"]
+
+
+class KernelDropout:
+    """One kernel call's dropout arguments: its seed, the 16-bit threshold, and the exact inverse keep rate."""
+
+    def __init__(self, p: float, seed: int):
+        self.seed, (self.threshold, p_eff) = seed, quantised_probability(p)
+        self.scale = 1.0 / (1.0 - p_eff)
+
+    def kernel_args(self) -> dict:
+        return dict(seed=self.seed, dropout_threshold=self.threshold, dropout_scale=self.scale)
 
 
 @triton.jit

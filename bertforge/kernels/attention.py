@@ -17,10 +17,10 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import use_triton
-from ._philox import DRAWN_PER_CALL, eight_uniforms
+from ._philox import DRAWN_PER_CALL, KernelDropout, eight_uniforms
 from ._triton import TRITON_DTYPE, CompileSpec, compile_spec, empty, interpreting
 from ._validate import check_attention_inputs
-from .dropout import draw_dropout_seed, quantised_probability
+from .dropout import draw_dropout_seed
 
 LOG2E = 1.4426950408889634
 
@@ -395,9 +395,7 @@ class AttentionProblem:
         self.max_seqlen = max_seqlen
         self.seqlen_padded = 0 if is_varlen else q.shape[2]
         self.dropout_p, self.seed = dropout_p, seed
-        # The kernels drop with the 16-bit quantised probability and scale by its exact inverse keep rate.
-        self.dropout_threshold, p_eff = quantised_probability(dropout_p)
-        self.dropout_scale = 1.0 / (1.0 - p_eff)
+        self.dropout = KernelDropout(dropout_p, seed)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.key_mask = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
         # An absent mask or cu_seqlens still needs a valid pointer argument; the constexpr flags skip its loads.
@@ -411,8 +409,7 @@ class AttentionProblem:
             KeyMask=self.key_mask_arg, CuSeqlens=self.cu_seqlens_arg,
             stride_maskb=self.key_mask.stride(0) if self.key_mask is not None else 0,
             num_heads=self.heads, seqlen_padded=self.seqlen_padded, max_seqlen=self.max_seqlen,
-            head_dim=self.head_dim, dropout_threshold=self.dropout_threshold, dropout_scale=self.dropout_scale,
-            seed=self.seed,
+            head_dim=self.head_dim, **self.dropout.kernel_args(),
             SEQLEN_BUCKET=triton.next_power_of_2(max(self.max_seqlen, 1)),
             IS_VARLEN=self.is_varlen, HAS_MASK=self.key_mask is not None, HAS_DROPOUT=self.dropout_p > 0.0,
             BLOCK_D=_block_d(self.head_dim),

@@ -76,8 +76,8 @@ def row_name(row: dict) -> str:
 
 
 def _spec_indices(module_name: str, only: str | None):
-    """Indices of the module's specs whose variant name matches the regex `only` (all when None); None when the
-    module has no compile_specs()."""
+    """(how many specs the module ships, the indices of those whose variant name matches the regex `only`, all
+    when None); None when the module has no compile_specs()."""
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -85,7 +85,8 @@ def _spec_indices(module_name: str, only: str | None):
     if not hasattr(module, "compile_specs"):
         return None
     specs = _specs(module_name)
-    return [i for i, spec in enumerate(specs) if only is None or re.search(only, variant_name(module_name, spec))]
+    matching = [i for i, spec in enumerate(specs) if only is None or re.search(only, variant_name(module_name, spec))]
+    return len(specs), matching
 
 
 def _jit_function(spec):
@@ -264,17 +265,16 @@ def check(kernels=None, archs=(80, 90), jobs=None, only=None) -> list[dict]:
                                                   mp_context=multiprocessing.get_context("spawn"))
     with _compiler_environment(), pool:
         try:
-            indices = dict(zip(modules, pool.map(_spec_indices, modules, [None] * len(modules))))
-            unchecked = [m for m, found in indices.items() if not found]
+            found = dict(zip(modules, pool.map(_spec_indices, modules, [only] * len(modules))))
+            unchecked = [m for m, result in found.items() if not result or not result[0]]
             if unchecked:
                 raise CompileCheckError(f"no compile_specs() (or an empty list) in {', '.join(unchecked)}: "
                                         "their kernels would go unchecked")
-            if only is not None:
-                indices = dict(zip(modules, pool.map(_spec_indices, modules, [only] * len(modules))))
-                if not any(indices.values()):
-                    raise CompileCheckError(f"no variant matches --only {only!r}")
+            indices = {m: matching for m, (_, matching) in found.items()}
+            if not any(indices.values()):
+                raise CompileCheckError(f"no variant matches --only {only!r}")
             futures = [pool.submit(_check_spec, module, index, arch)
-                       for module, found in indices.items() for index in found for arch in archs]
+                       for module, matching in indices.items() for index in matching for arch in archs]
             return [future.result() for future in futures]
         except BaseException:
             pool.shutdown(cancel_futures=True)  # do not wait for the queued compiles of a failed check

@@ -15,10 +15,10 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import use_triton
-from ._philox import DRAWN_PER_CALL, eight_uniforms
+from ._philox import DRAWN_PER_CALL, KernelDropout, eight_uniforms
 from ._triton import TRITON_DTYPE, CompileSpec, compile_spec, empty, programs_to_fill, prune_configs_for_host
 from ._validate import check_layer_norm_inputs
-from .dropout import draw_dropout_seed, quantised_probability
+from .dropout import draw_dropout_seed
 
 # One row must fit in a program's registers. At 8192 the backward of a half-precision x on an fp32 stream (which
 # writes dx and dresidual apart) spilled with 8 and 16 warps; at 4096 (BERT-large's hidden size is 1024) no variant
@@ -135,23 +135,12 @@ def _block_n(n):
     return triton.next_power_of_2(n)
 
 
-class RowDropout:
-    """The dropout of one layer_norm call: seed, and the quantised threshold and scale the kernels use."""
-
-    def __init__(self, p: float, seed: int):
-        self.seed, (self.threshold, p_eff) = seed, quantised_probability(p)
-        self.scale = 1.0 / (1.0 - p_eff)
-
-    def kernel_args(self):
-        return dict(seed=self.seed, dropout_threshold=self.threshold, dropout_scale=self.scale)
-
-
-_NO_DROPOUT = dict(seed=0, dropout_threshold=0, dropout_scale=1.0)
+_NO_DROPOUT = KernelDropout(0.0, 0)  # placeholder arguments when HAS_DROPOUT is off
 
 
 def layer_norm_forward(x, weight, bias, eps, residual=None, dropout=None):
     """Launch the forward on x (rows, N) contiguous; return y (rows, N) in the residual's dtype (x's without one)
-    and fp32 mean, rstd (rows,). dropout: a RowDropout applied to x, or None."""
+    and fp32 mean, rstd (rows,). dropout: a KernelDropout applied to x, or None."""
     n_rows, n = x.shape
     block_n = _block_n(n)
     y = empty((n_rows, n), (residual if residual is not None else x).dtype, x.device)
@@ -159,7 +148,7 @@ def layer_norm_forward(x, weight, bias, eps, residual=None, dropout=None):
     rstd = empty((n_rows,), torch.float32, x.device)
     _layer_norm_forward_kernel[(n_rows,)](
         x, residual, weight, bias, y, mean, rstd, n, eps,
-        **(dropout.kernel_args() if dropout else _NO_DROPOUT),
+        **(dropout or _NO_DROPOUT).kernel_args(),
         HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout is not None, BLOCK_N=block_n)
     return y, mean, rstd
 
@@ -179,7 +168,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, residual=None, dropout=None):
     dbias_partial = empty((programs, n), torch.float32, x.device)
     _layer_norm_backward_kernel[(programs,)](
         dy, x, residual, weight, mean, rstd, dx, dresidual, dweight_partial, dbias_partial,
-        n_rows, rows_per_program, n, **(dropout.kernel_args() if dropout else _NO_DROPOUT),
+        n_rows, rows_per_program, n, **(dropout or _NO_DROPOUT).kernel_args(),
         HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout is not None, WRITE_DRESIDUAL=write_dresidual,
         BLOCK_N=block_n)
     if residual is not None and not write_dresidual:
@@ -219,7 +208,7 @@ def layer_norm(x, weight, bias, eps=1e-12, residual=None, dropout_p=0.0):
     """
     check_layer_norm_inputs(x, weight, bias, eps, residual, dropout_p)
     if use_triton(x):
-        dropout = RowDropout(dropout_p, draw_dropout_seed()) if dropout_p > 0.0 else None
+        dropout = KernelDropout(dropout_p, draw_dropout_seed()) if dropout_p > 0.0 else None
         return LayerNormFunction.apply(x, weight, bias, eps, residual, dropout)
     return reference.layer_norm(x, weight, bias, eps, residual, dropout_p)
 
