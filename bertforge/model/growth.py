@@ -60,7 +60,7 @@ def stack(model, optimizer=None, optimizer_state: str = "copy"):
     if optimizer is not None:
         _add_to_optimizer(optimizer, pairs, optimizer_state)
     if isinstance(model, DistributedDataParallel):
-        model = _rewrap(model)
+        model = rewrap_ddp(model)
     return model
 
 
@@ -93,7 +93,7 @@ def _add_to_optimizer(optimizer, pairs, optimizer_state):
                                     for key, value in optimizer.state[source].items()}
 
 
-def _rewrap(ddp: DistributedDataParallel) -> DistributedDataParallel:
+def rewrap_ddp(ddp: DistributedDataParallel) -> DistributedDataParallel:
     """A new DDP over the grown module: DDP fixes its parameter buckets at construction."""
     return DistributedDataParallel(
         ddp.module, device_ids=ddp.device_ids, output_device=ddp.output_device,

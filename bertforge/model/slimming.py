@@ -11,17 +11,18 @@ detection and physical pruning.
 - `EarlyBird`: the mask of each record against the previous ones; the ticket is drawn once the newest mask is
   within a normalised Hamming distance of `threshold` of each of the `window - 1` masks before it (the rule of the
   Early-Bird-Tickets code, which the EarlyBERT code lacks).
-- `prune(model, head_mask, ffn_mask)` rebuilds each layer's weights with only the kept heads and neurons, in place;
-  layers may end up with different sizes, which the config records (heads_per_layer, intermediate_size_per_layer),
-  so the pruned model saves and loads.
+- `prune(model, head_mask, ffn_mask, optimizer=None)` cuts each layer's weights to the kept heads and neurons, in
+  place (and, given the optimizer, their state: training goes on); layers may end up with different sizes, which the
+  config records (heads_per_layer, intermediate_size_per_layer), so the pruned model saves and loads.
 """
 
 import warnings
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .growth import configs_of, encoder_layers, unwrap
+from .growth import configs_of, encoder_layers, rewrap_ddp, unwrap
 
 HEAD_SCALE, NEURON_SCALE = "head_scale", "neuron_scale"
 
@@ -155,24 +156,39 @@ def _as_layer_masks(masks, sizes: list[int], name: str) -> list[torch.Tensor]:
     return [m.cpu() for m in masks]
 
 
-def _linear(source: nn.Linear, rows=None, columns=None) -> nn.Linear:
-    """A new Linear holding the chosen output rows / input columns of `source` (same dtype and device)."""
-    weight = source.weight.detach()
-    weight = weight[rows] if rows is not None else weight
-    weight = weight[:, columns] if columns is not None else weight
-    bias = source.bias.detach()[rows] if rows is not None else source.bias.detach()
-    out = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(weight)
-        out.bias.copy_(bias)
-    return out
+def _cut(module: nn.Module, name: str, optimizer, rows=None, columns=None):
+    """Replace the parameter module.<name> with its chosen rows (and, for a matrix, columns); in `optimizer` the cut
+    parameter takes the old one's place and its per-element state (Adam's moments) cut the same way."""
+    old = getattr(module, name)
+
+    def take(t):
+        t = t[rows.to(t.device)] if rows is not None else t
+        return t[:, columns.to(t.device)] if columns is not None and t.dim() == 2 else t
+
+    new = nn.Parameter(take(old.detach()).clone(), requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i] = new
+                state = optimizer.state.pop(old, None)
+                if state is not None:
+                    optimizer.state[new] = {k: take(v) if torch.is_tensor(v) and v.shape == old.shape else v
+                                            for k, v in state.items()}
+                return
+    raise TicketError("a parameter of the encoder layers is not in the optimizer; build the optimizer from "
+                      "model.parameters() before pruning")
 
 
-def prune(model, head_mask, ffn_mask):
-    """Keep only the masked-in heads and FFN neurons of every layer, rebuilding smaller weights in place (a fresh
-    optimizer must follow: the pruned parameters are new tensors). Returns the model.
+def prune(model, head_mask, ffn_mask, optimizer=None):
+    """Keep only the masked-in heads and FFN neurons of every layer, cutting the weights in place; returns the
+    model (a DDP model comes back re-wrapped).
 
-    head_mask: (layers, heads) bool or one bool vector per layer; ffn_mask likewise; True = keep.
+    head_mask: (layers, heads) bool or one bool vector per layer; ffn_mask likewise; True = keep. With `optimizer`,
+    training continues: the cut parameters replace the old ones in it and keep their state for the kept units (the
+    pre-training setting of EarlyBERT); without, a new optimizer must be built for the pruned model.
     """
     module = unwrap(model)
     layers = encoder_layers(module)
@@ -183,29 +199,21 @@ def prune(model, head_mask, ffn_mask):
         kept = torch.nonzero(heads).flatten()
         channels = (kept[:, None] * d + torch.arange(d)).flatten()  # the kept heads' columns of the projection
         qkv_rows = torch.cat([part * attention.heads * d + channels for part in range(3)])
-        attention.qkv = _linear(attention.qkv, rows=qkv_rows.to(attention.qkv.weight.device))
-        attention.proj = _linear(attention.proj, columns=channels.to(attention.proj.weight.device))
+        for name in ("weight", "bias"):
+            _cut(attention.qkv, name, optimizer, rows=qkv_rows)
+        _cut(attention.proj, "weight", optimizer, columns=channels)
         if attention.head_scale is not None:
-            attention.head_scale = nn.Parameter(attention.head_scale.detach()[kept.to(attention.head_scale.device)])
+            _cut(attention, "head_scale", optimizer, rows=kept)
         attention.heads = len(kept)
+        attention.qkv.out_features, attention.proj.in_features = len(qkv_rows), len(channels)
 
-        intermediate, rows = layer.intermediate, torch.nonzero(neurons).flatten()
-        layer.intermediate = _linear_gelu(intermediate, rows.to(intermediate.weight.device))
-        layer.output = _linear(layer.output, columns=rows.to(layer.output.weight.device))
+        rows = torch.nonzero(neurons).flatten()
+        for name in ("weight", "bias") + (("neuron_scale",) if layer.intermediate.neuron_scale is not None else ()):
+            _cut(layer.intermediate, name, optimizer, rows=rows)
+        _cut(layer.output, "weight", optimizer, columns=rows)
+        layer.intermediate.out_features = layer.output.in_features = len(rows)
     heads = [layer.attention.heads for layer in layers]
     ffn = [layer.intermediate.out_features for layer in layers]
     for config in configs_of(module):
         config.heads_per_layer, config.intermediate_size_per_layer = list(heads), list(ffn)
-    return model
-
-
-def _linear_gelu(source, rows: torch.Tensor):
-    """A LinearGELU with the chosen output neurons of `source` (weights, bias and slimming scale)."""
-    out = type(source)(source.in_features, len(rows), source.approximate, slimming=source.neuron_scale is not None)
-    out.to(device=source.weight.device, dtype=source.weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(source.weight[rows])
-        out.bias.copy_(source.bias[rows])
-        if source.neuron_scale is not None:
-            out.neuron_scale.copy_(source.neuron_scale[rows])
-    return out
+    return rewrap_ddp(model) if isinstance(model, DistributedDataParallel) else model

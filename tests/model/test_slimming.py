@@ -190,6 +190,40 @@ def test_the_pruned_model_computes_what_the_masked_model_computes(padded):
         torch.testing.assert_close(model(ids, mask, types).logits, masked(ids, mask, types).logits)
 
 
+def test_pruning_with_its_optimizer_trains_on_as_the_masked_model_does():
+    """An AdamW step, the cut (moments cut with the weights), a second step: the pruned model computes what the masked
+    model computes after the same two steps. A fresh optimizer at the cut would not (Adam's first update is not its
+    second)."""
+    config = tiny_config(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=40,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, slimming=True)
+    model = BertForSequenceClassification(config)
+    randomise_scales(model)
+    heads, ffn = random_keep([4] * 2), random_keep([40] * 2)
+    masked = BertForSequenceClassification(dataclasses.replace(config))
+    masked.load_state_dict(model.state_dict())
+    ids, mask, types = inputs(config)
+    labels = torch.randint(0, 2, (len(ids),))
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, masked)]
+
+    def train_step(m, optimizer):
+        optimizer.zero_grad()
+        m(ids, mask, types, labels=labels).loss.backward()
+        optimizer.step()
+
+    for m, optimizer in zip((model, masked), optimizers):
+        masked_copy(m, heads, ffn)  # the masked-out units contribute nothing to either model's first step
+        train_step(m, optimizer)
+    prune(model, heads, ffn, optimizer=optimizers[0])
+    assert [id(p) for group in optimizers[0].param_groups for p in group["params"]] == \
+        [id(p) for p in model.parameters()]
+    masked_copy(masked, heads, ffn)
+    for m, optimizer in zip((model, masked), optimizers):
+        train_step(m, optimizer)
+    masked_copy(masked, heads, ffn)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids, mask, types).logits, masked.eval()(ids, mask, types).logits)
+
+
 def test_a_pruned_model_saves_loads_and_trains(tmp_path):
     config = tiny_config(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=48)
     model = enable_slimming(BertForSequenceClassification(config)).eval()
