@@ -1,4 +1,4 @@
-"""Masked-LM pre-training, optionally with progressive stacking: the parts the loop runs with.
+"""Masked-LM pre-training, optionally with progressive stacking or an EarlyBERT ticket: the parts the loop runs with.
 
 Stage plan "2:300,4:300,8:600" (depth:steps): start at depth 2, stack to 4 after 300 steps, to 8 after 600
 more; 1,200 steps in all. Stacking happens in place (bertforge.model.growth.stack) with the optimizer state of
@@ -8,6 +8,10 @@ Learning rate: one linear warmup then linear decay to zero over the whole plan; 
 it, so each stage starts at the rate where the previous one ended, without re-warming, as in the official code,
 and the schedule ends at zero within the run's own budget (the fair baseline protocol of design.md). The
 official code instead used a separate piecewise-linear schedule per stage; this single schedule is our choice.
+
+EarlyBERT (--earlybird true): the model trains with slimming coefficients and their L1 term until the ticket
+settles (train/tickets.py), is pruned to it in place with its optimizer state, and trains on at the same
+learning-rate schedule, the L1 term dropped.
 """
 
 import contextlib
@@ -21,18 +25,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from bertforge.model import BertConfig, BertForMaskedLM
-from bertforge.model.growth import OPTIMIZER_STATE_MODES, depth, stack
+from bertforge.model.growth import OPTIMIZER_STATE_MODES, depth, stack, unwrap
+from bertforge.model.slimming import prune
 
 from . import distributed
 from .loop import ConfigError, LoopSettings, Trainer, linear_warmup_decay
 from .mlm import MLMBatches, heldout_batches
 from .run_folder import claim_run_folder
 from .shards import build_shards
+from .tickets import TicketSearch, TicketSettings, plot_distances, ticket_summary
 from .tokenizer import MIN_TRAINED_VOCAB
 
 
 @dataclasses.dataclass
-class PretrainConfig(LoopSettings):
+class PretrainConfig(LoopSettings, TicketSettings):
     """Every knob of a pre-training run; the CLI exposes each field as --name value."""
 
     # model at its final depth (a stage plan starts shallower); num_layers None = the plan's last depth, or 4
@@ -51,6 +57,9 @@ class PretrainConfig(LoopSettings):
     # schedule: steps (a LoopSettings field) None = the plan's total, or 300 without a plan
     stages: str | None = "2:100,4:200"  # depth:steps,... ; None = train num_layers from scratch
     optimizer_state: str = "copy"  # state of the copied layers at a stacking step: copy or reset
+    # EarlyBERT: search a ticket (TicketSettings' fields), prune to it in place and train on
+    earlybird: bool = False
+    max_search_steps: int | None = None  # draw here at the latest; None = half of the steps
     lr: float = 1e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
@@ -65,6 +74,7 @@ class PretrainConfig(LoopSettings):
     checkpoint_interval: int = 100
 
     BOOKKEEPING = LoopSettings.BOOKKEEPING + ("eval_batches",)
+    TICKET_FIELDS = tuple(f.name for f in dataclasses.fields(TicketSettings)) + ("earlybird", "max_search_steps")
 
     def __post_init__(self):
         found = self.problems()
@@ -112,11 +122,28 @@ class PretrainConfig(LoopSettings):
             found.append(f"vocab_size must be >= {MIN_TRAINED_VOCAB} to learn word pieces, got {self.vocab_size}")
         if self.seed < 0:
             found.append(f"seed must be >= 0, got {self.seed}")
+        if self.earlybird:
+            found += self.ticket_problems()
+            if self.stages is not None and len(parse_stages(self.stages)) > 1:
+                found.append("earlybird searches a ticket at one depth: give --stages none (or stack first, then "
+                             "search the stacked checkpoint)")
+            for name in ("draw_step", "max_search_steps"):
+                value = getattr(self, name)
+                if value is not None and not 1 <= value < self.steps:
+                    found.append(f"{name} must be a step before the last ({self.steps}), got {value}")
         try:  # the model's own checks (heads dividing the width, head_dim for the kernel, dropout), before any work
             model_config(self, self.vocab_size or MIN_TRAINED_VOCAB, self.num_layers)
         except ValueError as error:
             found.append(str(error))
         return found
+
+    def identity(self) -> dict:
+        """The ticket's fields define only an EarlyBERT run (a plain run resumes whatever they say)."""
+        found = super().identity()
+        return found if self.earlybird else {k: v for k, v in found.items() if k not in self.TICKET_FIELDS}
+
+    def last_search_step(self) -> int:
+        return self.max_search_steps if self.max_search_steps is not None else max(1, self.steps // 2)
 
     def plan(self) -> list[tuple[int, int]]:
         return parse_stages(self.stages) if self.stages is not None else [(self.num_layers, self.steps)]
@@ -161,11 +188,36 @@ class Stacking:
             trainer.model = stack(trainer.model, trainer.optimizer, self.optimizer_state)
 
 
+class PruneAtDraw(TicketSearch):
+    """EarlyBERT in pre-training: at the draw the model is pruned in place, its optimizer state cut with it, and
+    training goes on from the searched weights; ticket.json and mask_distance.png go to the run folder."""
+
+    def draw(self, trainer):
+        ticket = self.ticket(trainer.train_time)
+        trainer.model = prune(trainer.model, ticket["head_keep"], ticket["ffn_keep"], optimizer=trainer.optimizer)
+        summary = ticket_summary(ticket)
+        trainer.log(kind="prune", drawn_by=self.drawn_by, heads_per_layer=summary["heads_per_layer"],
+                    intermediate_size_per_layer=summary["intermediate_size_per_layer"])
+        if trainer.rank == 0:
+            (trainer.out_dir / "ticket.json").write_text(json.dumps(summary, indent=1))
+            plot_distances(ticket, self.settings.threshold, trainer.out_dir / "mask_distance.png")
+
+    def restore(self, trainer, checkpoint):
+        """A run pruned before its checkpoint: cut the new model to the saved sizes (the saved weights load next)."""
+        saved = checkpoint["model_config"]
+        if saved.get("heads_per_layer") is None:
+            return
+        config = unwrap(trainer.model).config
+        heads = [torch.arange(config.num_attention_heads) < n for n in saved["heads_per_layer"]]
+        neurons = [torch.arange(config.intermediate_size) < n for n in saved["intermediate_size_per_layer"]]
+        trainer.model = prune(trainer.model, heads, neurons, optimizer=trainer.optimizer)
+
+
 def model_config(cfg: PretrainConfig, vocab_size: int, layers: int) -> BertConfig:
     return BertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=layers,
                       num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
                       hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                      max_position_embeddings=max(512, cfg.max_seq_length))
+                      max_position_embeddings=max(512, cfg.max_seq_length), slimming=cfg.earlybird)
 
 
 def build_optimizer(model, cfg: PretrainConfig, device, head_lr: float | None = None,
@@ -224,6 +276,8 @@ def build_trainer(cfg: PretrainConfig) -> Trainer:
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.warmup_steps, cfg.steps))
     hooks = [Stacking(plan, cfg.optimizer_state)] if len(plan) > 1 else []
+    if cfg.earlybird:
+        hooks.append(PruneAtDraw(cfg, last_step=cfg.last_search_step()))
     trainer = Trainer(model, optimizer, scheduler, batches, heldout_loss(shards, cfg, device), cfg,
                       hooks=hooks, run_config={**cfg.identity(), "vocabulary": vocabulary_fingerprint(shards)},
                       device=device)

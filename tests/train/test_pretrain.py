@@ -46,6 +46,25 @@ def test_stacking_run_grows_and_logs(corpus, tmp_path):
     assert (tmp_path / "tensorboard").is_dir()
 
 
+@pytest.mark.parametrize("stop_after", [2, 4], ids=["before-the-draw", "after-the-draw"])
+def test_earlybird_pretraining_prunes_at_the_draw_and_resumes_bit_identical(corpus, tmp_path, stop_after):
+    settings = dict(stages=None, num_layers=2, hidden_size=64, num_heads=4, intermediate_size=40, steps=6,
+                    earlybird=True, draw_step=3, record_interval=1)
+    summary = pretrain(tiny_config(corpus, tmp_path / "a", **settings))
+    config = summary["model"].config
+    assert config.heads_per_layer == [3, 3] and sum(config.intermediate_size_per_layer) == 48  # 1 of 4, 40% of 80
+    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "prune"] == [3]
+    assert json.loads((tmp_path / "a" / "ticket.json").read_text())["heads_per_layer"] == [3, 3]
+    assert all(r["heldout_loss"] > 0 for r in records if r["kind"] == "eval")
+    uninterrupted = final_parameters(summary)
+    pretrain(tiny_config(corpus, tmp_path / "b", stop_after=stop_after, **settings))
+    resumed = final_parameters(pretrain(tiny_config(corpus, tmp_path / "b", resume=True, **settings)))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), f"{name} differs after resuming"
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [("3:10,5:10", "does not double"), ("3-10", "depth:steps"), ("0:10", ">= 1"), ("2:10,4:x", "depth:steps")],
@@ -119,12 +138,15 @@ torch.save(summary["model"].module.state_dict(), os.path.join(sys.argv[2], f"ran
 """
 
 
-def test_ddp_two_cpu_processes_stack_and_stay_in_sync(corpus, tmp_path):
+@pytest.mark.parametrize("method", ["stacking", "earlybird"])
+def test_ddp_two_cpu_processes_stack_or_prune_and_stay_in_sync(corpus, tmp_path, method):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = dict(corpus=corpus, hidden_size=32, num_heads=2, intermediate_size=64, max_seq_length=32, batch_size=2,
                stages="1:2,2:2", eval_interval=2, eval_batches=1, out_dir=str(tmp_path / "ddp"), progress=False)
+    if method == "earlybird":  # the ticket drawn after step 2 keeps one head of two per layer
+        cfg.update(stages=None, num_layers=2, steps=4, earlybird=True, draw_step=2, record_interval=1)
     repo = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "BERTFORGE_KERNELS": "reference", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
@@ -135,7 +157,9 @@ def test_ddp_two_cpu_processes_stack_and_stay_in_sync(corpus, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert sum(".layers." in k for k in rank0) == 2 * sum(".layers.0." in k for k in rank0), "not stacked to 2"
+    assert sum(".layers." in k for k in rank0) == 2 * sum(".layers.0." in k for k in rank0), "not 2 layers"
+    if method == "earlybird":
+        assert rank0["bert.encoder.layers.1.attention.qkv.weight"].shape == (3 * 16, 32), "not pruned"
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
     checkpoint = load_checkpoint(Path(cfg["out_dir"]) / "checkpoint.pt")
@@ -169,6 +193,16 @@ def test_every_bad_value_is_reported_before_any_work(no_work, tmp_path):
         cli_main(without_plan)
     with pytest.raises(SystemExit, match="dropout_prob must be in \\[0, 1\\), got 1.5"):
         cli_main(["pretrain", "--dropout", "1.5"])
+
+
+def test_bad_earlybird_values_are_reported_before_any_work(no_work, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        cli_main(["pretrain", "--earlybird", "true", "--stages", "2:10,4:10", "--head_ratio", "1", "--window", "1",
+                  "--draw_step", "20", "--out_dir", str(tmp_path)])
+    message = str(error.value.code)
+    for expected in ["head_ratio must be in [0, 1)", "window must be >= 2", "give --stages none",
+                     "draw_step must be a step before the last (20), got 20"]:
+        assert expected in message, message
 
 
 def test_json_config_values_are_type_checked(no_work, tmp_path):
