@@ -1,9 +1,10 @@
 """The efficient-training methods against their baselines, each measured in one run: progressive stacking (from
 scratch, the shallow-only control, optimizer state reset; each fine-tuned on Rotten Tomatoes), multi-exit early
 exit (RomeBERT on MiniLM, early exit against all layers) and EarlyBERT (full fine-tuning, the early-bird ticket,
-a random ticket of the same sizes).
+a random ticket of the same sizes; in pre-training, the full model, the ticket at equal steps and equal time, the
+ticket's sizes from scratch).
 
-    bertforge bench methods --out report/bench                     # about 50 min on a 2-core CPU
+    bertforge bench methods --out report/bench                     # about 75 min on a 2-core CPU
     bertforge bench methods --out DIR -- --methods-scale tiny      # seconds: checks the harness end to end
 
 Each case is one round of the whole experiment (pytest-benchmark's time is its wall-clock); its results (the
@@ -13,9 +14,10 @@ method's table, its plots under --out) go into extra_info, and `bertforge bench`
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from bertforge.bench import earlybird, multi_exit, stacking
+from bertforge.bench import earlybird, earlybird_pretrain, multi_exit, stacking
 
 pytestmark = pytest.mark.usefixtures("cpu_reference_kernels")
 
@@ -69,3 +71,14 @@ def test_earlybird(benchmark, methods):
     record(benchmark, out, earlybird.markdown(result), [folder / "accuracy_vs_time.png", folder / "mask_distance.png"],
            provider="earlybird", time_saved=result["time_saved"], test_accuracy=result["test_accuracy"])
     assert result["test_accuracy"][earlybird.EARLYBIRD] > 0.7
+
+
+def test_earlybird_pretraining(benchmark, methods):
+    scale, out = methods
+    folder = out / "earlybird-pretrain"
+    result = benchmark.pedantic(earlybird_pretrain.run, args=(folder, scale), rounds=1, iterations=1)
+    record(benchmark, out, earlybird_pretrain.markdown(result), [folder / "loss_vs_time.png",
+                                                                 folder / "mask_distance.png"],
+           provider="earlybird-pretrain", time_saved=result["time_saved"], heldout_loss=result["heldout_loss"],
+           width_matters=result["width_matters"])
+    assert all(np.isfinite(loss) for loss in result["heldout_loss"].values())

@@ -2,7 +2,7 @@
 
     bertforge bench                      # all suites; GPU cases skip with their reason on a machine without one
     bertforge bench model --out report/bench
-    bertforge bench methods --out report/bench                # stacking, multi-exit, EarlyBERT: ~50 min on 2 cores
+    bertforge bench methods --out report/bench                # stacking, multi-exit, EarlyBERT: ~75 min on 2 cores
     bertforge bench --compare OLD.json --out runs/bench-new                   # run, then compare with that run
     bertforge bench --compare OLD.json --against NEW.json                     # compare two runs, run nothing
 

@@ -24,12 +24,10 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 from bertforge.train.finetune import FinetuneConfig, finetune
-from bertforge.train.pretrain import PretrainConfig, pretrain
-from bertforge.train.shards import build_shards
+from bertforge.train.pretrain import PretrainConfig, pretrain, save_vocabulary
 
 SCRATCH = "from scratch"
 SHALLOW = "shallow only"
@@ -85,8 +83,7 @@ def fine_tune_downstream(cfg: PretrainConfig, model, settings: dict, seed: int, 
     (final classifier); test accuracy of the best dev model and the fine-tuning time."""
     folder = Path(cfg.out_dir) / "pretrained"
     model.save_pretrained(folder)
-    vocabulary = build_shards(cfg.corpus, cfg.tokenizer, vocab_size=cfg.vocab_size, progress=False).folder
-    shutil.copy(vocabulary / "tokenizer.json", folder / "tokenizer.json")
+    save_vocabulary(cfg.identity(), folder)
     summary = finetune(FinetuneConfig(checkpoint=str(folder), out_dir=str(Path(cfg.out_dir) / "finetune"),
                                       overwrite=True, seed=seed, progress=progress, checkpoint_interval=10**9,
                                       eval_interval=settings.get("steps", 100), **settings))

@@ -1,4 +1,5 @@
-"""`bertforge convert`: a training checkpoint -> a Hugging Face BERT folder (config.json + model.safetensors).
+"""`bertforge convert`: a training checkpoint -> a Hugging Face BERT folder (config.json + model.safetensors, and
+the run's tokenizer.json, so `bertforge finetune` and `bertforge earlybird` take the folder as --checkpoint).
 
 The folder loads in transformers (`BertForMaskedLM.from_pretrained`) and in bertforge (`from_pretrained`), at the
 depth the run had reached when the checkpoint was written.
@@ -11,6 +12,7 @@ from bertforge.model import BertConfig, BertForMaskedLM
 
 from .checkpoint import load_checkpoint
 from .loop import ConfigError
+from .pretrain import save_vocabulary
 
 
 @dataclasses.dataclass
@@ -36,4 +38,5 @@ def convert(cfg: ConvertConfig) -> dict:
     model = BertForMaskedLM(BertConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     model.save_pretrained(out)
+    save_vocabulary(checkpoint["run_config"], out)
     return {"out_dir": str(out), "step": checkpoint["step"], "layers": model.config.num_hidden_layers}

@@ -19,7 +19,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -29,6 +31,7 @@ from bertforge.model.growth import OPTIMIZER_STATE_MODES, depth, stack, unwrap
 from bertforge.model.slimming import prune
 
 from . import distributed
+from .checkpoint import CheckpointError
 from .loop import ConfigError, LoopSettings, Trainer, linear_warmup_decay
 from .mlm import MLMBatches, heldout_batches
 from .run_folder import claim_run_folder
@@ -125,8 +128,8 @@ class PretrainConfig(LoopSettings, TicketSettings):
         if self.earlybird:
             found += self.ticket_problems()
             if self.stages is not None and len(parse_stages(self.stages)) > 1:
-                found.append("earlybird searches a ticket at one depth: give --stages none (or stack first, then "
-                             "search the stacked checkpoint)")
+                found.append("earlybird searches a ticket at one depth: give --stages none (a stacked model is "
+                             "searched when it is fine-tuned: bertforge earlybird --checkpoint FOLDER)")
             for name in ("draw_step", "max_search_steps"):
                 value = getattr(self, name)
                 if value is not None and not 1 <= value < self.steps:
@@ -253,6 +256,18 @@ def vocabulary_fingerprint(shards) -> str:
     """Hash of the token -> id map: a resume must see the same ids, even if a tokenizer file changed in place or a
     vocabulary was learned again (the checkpoint's run config keeps it)."""
     return hashlib.sha256(json.dumps(sorted(shards.tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def save_vocabulary(run_config: dict, folder) -> None:
+    """Write the run's tokenizer.json into `folder`, beside its weights, so the folder fine-tunes as it is. The
+    vocabulary comes from the run's (cached) shards; a different token -> id map than the run's is refused."""
+    shards = build_shards(run_config["corpus"], run_config["tokenizer"], vocab_size=run_config["vocab_size"],
+                          progress=False)
+    expected = run_config.get("vocabulary")
+    if expected is not None and vocabulary_fingerprint(shards) != expected:
+        raise CheckpointError("the run's vocabulary is not the one its tokenizer gives today (a tokenizer file or "
+                              "the corpus changed since); write tokenizer.json beside the weights yourself")
+    shutil.copy(shards.folder / "tokenizer.json", Path(folder) / "tokenizer.json")
 
 
 def build_trainer(cfg: PretrainConfig) -> Trainer:

@@ -46,13 +46,18 @@ def test_a_tiny_methods_run_puts_each_experiments_table_and_plots_in_the_report(
     out = tmp_path / "run"
     assert main(["bench", "methods", "--out", str(out), "--", "--methods-scale", "tiny"]) == 0
     assert "multi-exit runs MiniLM on Rotten Tomatoes" in capfd.readouterr().out  # skipped with its reason
-    (case,) = json.loads((out / "benchmark.json").read_text())["benchmarks"]
+    cases = {case["name"]: case for case in json.loads((out / "benchmark.json").read_text())["benchmarks"]}
+    assert set(cases) == {"test_stacking", "test_earlybird_pretraining"}
     saved = json.loads((out / "stacking" / "stacking.json").read_text())
-    assert case["extra_info"]["speedup_to_target"] == saved["speedup_to_target"]
+    assert cases["test_stacking"]["extra_info"]["speedup_to_target"] == saved["speedup_to_target"]
+    saved = json.loads((out / "earlybird-pretrain" / "results.json").read_text())
+    assert cases["test_earlybird_pretraining"]["extra_info"]["time_saved"] == saved["time_saved"]
     report = (out / "report.md").read_text()
-    assert (out / "stacking" / "stacking.md").read_text().strip() in report
-    assert "![stacking/stacking.png](stacking/stacking.png)" in report
-    assert (out / "stacking" / "stacking.png").stat().st_size > 10_000
+    for folder, table, plot in (("stacking", "stacking.md", "stacking.png"),
+                                ("earlybird-pretrain", "results.md", "loss_vs_time.png")):
+        assert (out / folder / table).read_text().strip() in report
+        assert f"![{folder}/{plot}]({folder}/{plot})" in report
+        assert (out / folder / plot).stat().st_size > 10_000
 
 
 def test_estimate_uses_an_earlier_run_of_the_same_cases():

@@ -1,7 +1,6 @@
 """The stacking benchmark's arithmetic and its end-to-end harness at a tiny scale."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,9 @@ def test_loss_at_budget():
     assert stacking.loss_at(curve, 25.0) == 6.0
 
 
-def test_tiny_run_writes_numbers_table_and_plot(tmp_path, monkeypatch, reference_kernels):
-    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
-    words = "the market said on monday that prices rose as the company reported new results".split()
-    rng = random.Random()
-    text = "\n\n".join(" ".join(" ".join(rng.choice(words) for _ in range(10)).capitalize() + "." for _ in range(8))
-                       for _ in range(40))
-    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+def test_tiny_run_writes_numbers_table_and_plot(tmp_path, random_corpus, reference_kernels):
     plans = ["1:6,2:6,4:12", "1:12,2:6,4:6"]
-    result = stacking.run("tiny", out=str(tmp_path / "report"), corpus=str(tmp_path / "corpus.txt"), progress=False,
+    result = stacking.run("tiny", out=str(tmp_path / "report"), corpus=random_corpus, progress=False,
                           stages=plans)
 
     saved = json.loads((tmp_path / "report" / "stacking.json").read_text())

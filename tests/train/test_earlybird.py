@@ -1,18 +1,22 @@
 """`bertforge earlybird` end to end on a tiny BERT: the ticket comes from the coefficients the search ended with and
 the detector's rule, the ticket model is the rewound model pruned, a stopped run resumes bit for bit, the random
-ticket keeps the sizes, multi-exit fine-tuning runs on the ticket, and mistakes end in one line."""
+ticket keeps the sizes, multi-exit fine-tuning runs on the ticket (also of a stacked pre-trained model), and
+mistakes end in one line."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import tiny_config
 
-from bertforge.model import BertForSequenceClassification
+from bertforge.model import BertForSequenceClassification, MultiExitBert
 from bertforge.model.slimming import draw_ticket, mask_distance, prune
 from bertforge.train.checkpoint import load_checkpoint
 from bertforge.train.cli import main as cli_main
 from bertforge.train.earlybird import EarlybirdConfig, earlybird
+from bertforge.train.pretrain import pretrain
+from bertforge.train.tokenizer import load_tokenizer
 
 
 def run_config(checkpoint, data, out_dir, **overrides):
@@ -91,6 +95,23 @@ def test_the_random_ticket_keeps_the_sizes_and_multi_exit_trains_on_a_ticket(che
     assert pruned["intermediate_size_per_layer"] == [int(k.sum()) for k in drawn["ffn_keep"]]
     best = json.loads((tmp_path / "random" / "retrain" / "best" / "config.json").read_text())
     assert "exit_layout" in best and best["heads_per_layer"] == [1, 1, 1]  # a multi-exit model, pruned
+
+
+def test_stack_then_ticket_then_exits_on_one_model(corpus, sentiment_tsv, tmp_path):
+    """Pre-training stacks 1 -> 2 layers; `bertforge convert` writes the folder with the run's vocabulary;
+    `bertforge earlybird` searches a ticket on it and trains RomeBERT's exits on the pruned model."""
+    pretrain(tiny_config(corpus, tmp_path / "pretrain", stages="1:2,2:2"))
+    cli_main(["convert", "--checkpoint", str(tmp_path / "pretrain" / "checkpoint.pt"), "--out_dir",
+              str(tmp_path / "hf")])
+    earlybird(run_config(str(tmp_path / "hf"), sentiment_tsv, tmp_path / "eb", draw_step=3,
+                         recipe="romebert", exit_pooling="mean"))
+    folder = tmp_path / "eb" / "retrain" / "best"
+    model = MultiExitBert.from_pretrained(folder).eval()
+    assert model.config.num_hidden_layers == 2 and model.config.heads_per_layer == [1, 1]
+    tokens = load_tokenizer(folder).encode("the film was good")
+    with torch.no_grad():
+        exits = model(torch.tensor([tokens.ids])).exit_logits
+    assert len(exits) == 2 and all(torch.isfinite(e).all() for e in exits)
 
 
 @pytest.mark.parametrize("flags, expected", [
