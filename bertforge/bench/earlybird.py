@@ -63,7 +63,6 @@ def run(out: Path, epochs: int = 2, progress: bool = False, ticket: dict | None 
 
 
 def markdown(result: dict) -> str:
-    ticket = result["ticket"]
     fmt = lambda a: "-" if a is None else f"{a:.4f}"  # noqa: E731
     lines = ["| run | test accuracy | training time | time saved against full |", "|---|---|---|---|"]
     for name in (FULL, EARLYBIRD, RANDOM):
@@ -72,10 +71,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {fmt(result['test_accuracy'][name])} | {seconds:.0f} s"
                      + (f" ({result['search_time_s']:.0f} s search)" if name == EARLYBIRD else "")
                      + f" | {'-' if name == FULL else f'{100 * saved:.0f}%'} |")
-    lines += ["", f"Ticket drawn at search step {ticket['step']} ({ticket['drawn_by']}): heads per layer "
-              f"{ticket['heads_per_layer']}, FFN neurons per layer {ticket['intermediate_size_per_layer']}.",
-              "Settings: " + ", ".join(f"{k} {v}" for k, v in result["settings"].items()) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + ticket_and_settings(result)) + "\n"
+
+
+def ticket_and_settings(result: dict) -> list[str]:
+    """The report lines that say where the ticket was drawn, its sizes, and the runs' settings."""
+    ticket = result["ticket"]
+    return [f"Ticket drawn at step {ticket['step']} ({ticket['drawn_by']}): heads per layer "
+            f"{ticket['heads_per_layer']}, FFN neurons per layer {ticket['intermediate_size_per_layer']}.",
+            "Settings: " + ", ".join(f"{k} {v}" for k, v in result["settings"].items()) + "."]
 
 
 def plot(result: dict, path: Path):

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bertforge.bench.earlybird import ticket_and_settings
 from bertforge.bench.stacking import eval_log, loss_at
 from bertforge.model import IGNORE_INDEX
 from bertforge.model.slimming import prune
@@ -130,10 +131,7 @@ def markdown(result: dict) -> str:
               f"With the full run's time it reaches {loss[EARLYBIRD_EQUAL_TIME]:.4f}.",
               f"Width {'matters' if result['width_matters'] else 'does not matter'} at this size: the ticket's sizes "
               f"trained from scratch end at {loss[PRUNED_SIZE]:.4f}, the full model at {loss[FULL]:.4f}; word "
-              f"frequencies alone give {result['unigram_loss']:.4f}.",
-              f"Ticket drawn at step {ticket['step']} ({ticket['drawn_by']}): heads per layer "
-              f"{ticket['heads_per_layer']}, FFN neurons per layer {ticket['intermediate_size_per_layer']}.",
-              "Settings: " + ", ".join(f"{k} {v}" for k, v in result["settings"].items()) + "."]
+              f"frequencies alone give {result['unigram_loss']:.4f}.", *ticket_and_settings(result)]
     return "\n".join(lines) + "\n"
 
 
