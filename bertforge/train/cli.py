@@ -27,7 +27,9 @@ from .loop import ConfigError
 from .pretrain import PretrainConfig, pretrain
 from .run_folder import RunFolderError
 from .text import CorpusError
+from .tickets import TicketSettings
 
+TICKET_FIELDS = {field.name for field in dataclasses.fields(TicketSettings)}
 COMMANDS = {"pretrain": (PretrainConfig, pretrain), "finetune": (FinetuneConfig, finetune),
             "earlybird": (EarlybirdConfig, earlybird), "convert": (ConvertConfig, convert)}
 
@@ -64,9 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (config_class, run) in COMMANDS.items():
         sub = commands.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0])
         sub.add_argument("--config", help="JSON file of field values (flags override it)")
+        # the ticket's fields after the command's own (argparse lists a group after the plain options)
+        ticket = sub.add_argument_group("EarlyBERT ticket search") if issubclass(config_class, TicketSettings) else sub
         for field in dataclasses.fields(config_class):
-            sub.add_argument(f"--{field.name}", type=_converter(field), default=argparse.SUPPRESS,
-                             help=f"default: {field.default!r}")
+            group = ticket if field.name in TICKET_FIELDS else sub
+            group.add_argument(f"--{field.name}", type=_converter(field), default=argparse.SUPPRESS,
+                               help=f"default: {field.default!r}")
     return parser
 
 

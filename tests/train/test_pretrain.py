@@ -205,6 +205,15 @@ def test_bad_earlybird_values_are_reported_before_any_work(no_work, tmp_path):
         assert expected in message, message
 
 
+def test_help_lists_the_ticket_search_after_the_commands_own_fields(capsys):
+    for command in ("pretrain", "earlybird"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        own, ticket = capsys.readouterr().out.split("\noptions:")[1].split("EarlyBERT ticket search:")
+        assert "--head_ratio" in ticket and "--draw_step" in ticket and "--head_ratio" not in own
+        assert "--out_dir" in own and "--steps" in own
+
+
 def test_json_config_values_are_type_checked(no_work, tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"resume": "false", "steps": 5.5, "lr": "1e-3", "stages": None, "bogus": 1}))
