@@ -32,7 +32,7 @@ import torch
 from bertforge.bench.earlybird import ticket_and_settings
 from bertforge.bench.stacking import eval_log, loss_at
 from bertforge.model import IGNORE_INDEX
-from bertforge.model.slimming import prune
+from bertforge.model.slimming import prune_to_sizes
 from bertforge.train.mlm import heldout_batches
 from bertforge.train.pretrain import PretrainConfig, build_trainer, pretrain
 from bertforge.train.run_folder import claim_run_folder
@@ -77,9 +77,8 @@ def from_scratch_at_sizes(cfg: PretrainConfig, sizes: dict) -> dict:
     not depend on a matrix's shape, so cutting a fresh model is a fresh model of the smaller shape."""
     with claim_run_folder(cfg.out_dir, resume=False, overwrite=True):
         trainer = build_trainer(cfg)
-        heads = [torch.arange(cfg.num_heads) < n for n in sizes["heads_per_layer"]]
-        neurons = [torch.arange(cfg.intermediate_size) < n for n in sizes["intermediate_size_per_layer"]]
-        trainer.model = prune(trainer.model, heads, neurons, optimizer=trainer.optimizer)
+        trainer.model = prune_to_sizes(trainer.model, sizes["heads_per_layer"], sizes["intermediate_size_per_layer"],
+                                       optimizer=trainer.optimizer)
         return trainer.run()
 
 

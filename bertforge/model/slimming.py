@@ -46,12 +46,18 @@ def enable_slimming(model):
     return model
 
 
-def coefficients(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(head scales, neuron scales): one fp32 copy per layer each (a copy: records must not follow training)."""
+def _slimmed_layers(model) -> nn.ModuleList:
+    """The encoder layers, checked to carry slimming coefficients."""
     layers = encoder_layers(model)
     if any(layer.attention.head_scale is None for layer in layers):
         raise TicketError("the model has no slimming coefficients: build it with BertConfig(slimming=True) or call "
                           "enable_slimming(model)")
+    return layers
+
+
+def coefficients(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(head scales, neuron scales): one fp32 copy per layer each (a copy: records must not follow training)."""
+    layers = _slimmed_layers(model)
     return ([layer.attention.head_scale.detach().float().clone() for layer in layers],
             [layer.intermediate.neuron_scale.detach().float().clone() for layer in layers])
 
@@ -60,8 +66,7 @@ def l1_penalty(model, head_lambda: float, ffn_lambda: float) -> torch.Tensor:
     """head_lambda * sum |head scales| + ffn_lambda * sum |neuron scales| (the search's sparsity term)."""
     if head_lambda < 0 or ffn_lambda < 0:
         raise TicketError(f"the L1 weights must be >= 0, got {head_lambda} (heads) and {ffn_lambda} (FFN)")
-    layers = encoder_layers(model)
-    coefficients(model)  # the one error when there are none
+    layers = _slimmed_layers(model)
     heads = sum(layer.attention.head_scale.abs().sum() for layer in layers)
     neurons = sum(layer.intermediate.neuron_scale.abs().sum() for layer in layers)
     return head_lambda * heads + ffn_lambda * neurons
@@ -217,3 +222,13 @@ def prune(model, head_mask, ffn_mask, optimizer=None):
     for config in configs_of(module):
         config.heads_per_layer, config.intermediate_size_per_layer = list(heads), list(ffn)
     return rewrap_ddp(model) if isinstance(model, DistributedDataParallel) else model
+
+
+def prune_to_sizes(model, heads_per_layer: list[int], intermediate_size_per_layer: list[int], optimizer=None):
+    """Prune to the given per-layer sizes, keeping the first units of each layer: for a model whose weights are
+    loaded (or initialised) afterwards, where only the shapes matter."""
+    layers = encoder_layers(model)
+    heads = [torch.arange(layer.attention.heads) < n for layer, n in zip(layers, heads_per_layer)]
+    neurons = [torch.arange(layer.intermediate.out_features) < n
+               for layer, n in zip(layers, intermediate_size_per_layer)]
+    return prune(model, heads, neurons, optimizer)

@@ -27,9 +27,8 @@ from .loop import ConfigError
 from .pretrain import PretrainConfig, pretrain
 from .run_folder import RunFolderError
 from .text import CorpusError
-from .tickets import TicketSettings
+from .tickets import TICKET_FIELDS, TicketSettings
 
-TICKET_FIELDS = {field.name for field in dataclasses.fields(TicketSettings)}
 COMMANDS = {"pretrain": (PretrainConfig, pretrain), "finetune": (FinetuneConfig, finetune),
             "earlybird": (EarlybirdConfig, earlybird), "convert": (ConvertConfig, convert)}
 

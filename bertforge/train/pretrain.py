@@ -27,8 +27,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from bertforge.model import BertConfig, BertForMaskedLM
-from bertforge.model.growth import OPTIMIZER_STATE_MODES, depth, stack, unwrap
-from bertforge.model.slimming import prune
+from bertforge.model.growth import OPTIMIZER_STATE_MODES, depth, stack
+from bertforge.model.slimming import prune, prune_to_sizes
 
 from . import distributed
 from .checkpoint import CheckpointError
@@ -36,7 +36,7 @@ from .loop import ConfigError, LoopSettings, Trainer, linear_warmup_decay
 from .mlm import MLMBatches, heldout_batches
 from .run_folder import claim_run_folder
 from .shards import build_shards
-from .tickets import TicketSearch, TicketSettings, plot_distances, ticket_summary
+from .tickets import TICKET_FIELDS, TicketSearch, TicketSettings, plot_distances, ticket_summary
 from .tokenizer import MIN_TRAINED_VOCAB
 
 
@@ -77,7 +77,6 @@ class PretrainConfig(LoopSettings, TicketSettings):
     checkpoint_interval: int = 100
 
     BOOKKEEPING = LoopSettings.BOOKKEEPING + ("eval_batches",)
-    TICKET_FIELDS = tuple(f.name for f in dataclasses.fields(TicketSettings)) + ("earlybird", "max_search_steps")
 
     def __post_init__(self):
         found = self.problems()
@@ -143,7 +142,8 @@ class PretrainConfig(LoopSettings, TicketSettings):
     def identity(self) -> dict:
         """The ticket's fields define only an EarlyBERT run (a plain run resumes whatever they say)."""
         found = super().identity()
-        return found if self.earlybird else {k: v for k, v in found.items() if k not in self.TICKET_FIELDS}
+        ticket_only = TICKET_FIELDS | {"earlybird", "max_search_steps"}
+        return found if self.earlybird else {k: v for k, v in found.items() if k not in ticket_only}
 
     def last_search_step(self) -> int:
         return self.max_search_steps if self.max_search_steps is not None else max(1, self.steps // 2)
@@ -210,10 +210,8 @@ class PruneAtDraw(TicketSearch):
         saved = checkpoint["model_config"]
         if saved.get("heads_per_layer") is None:
             return
-        config = unwrap(trainer.model).config
-        heads = [torch.arange(config.num_attention_heads) < n for n in saved["heads_per_layer"]]
-        neurons = [torch.arange(config.intermediate_size) < n for n in saved["intermediate_size_per_layer"]]
-        trainer.model = prune(trainer.model, heads, neurons, optimizer=trainer.optimizer)
+        trainer.model = prune_to_sizes(trainer.model, saved["heads_per_layer"], saved["intermediate_size_per_layer"],
+                                       optimizer=trainer.optimizer)
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int, layers: int) -> BertConfig:

@@ -50,6 +50,9 @@ class TicketSettings:
         return found
 
 
+TICKET_FIELDS = frozenset(field.name for field in dataclasses.fields(TicketSettings))
+
+
 class TicketSearch:
     """Hook of the search: the L1 term on the slimming coefficients until the draw, their records, the early-bird
     detector, and the draw (at the detector, at draw_step, or at last_step with a warning). `draw` ends the run;
@@ -62,13 +65,10 @@ class TicketSearch:
         self.drawn_by = None
 
     def backward(self, trainer, batch, scale: float) -> torch.Tensor:
-        loss = trainer.model(**batch).loss
-        if self.drawn_by is None:
-            s = self.settings
-            loss_with_l1 = loss + l1_penalty(unwrap(trainer.model), s.head_l1, s.ffn_l1)
-        else:
-            loss_with_l1 = loss
-        (loss_with_l1 * scale).backward()
+        loss, s = trainer.model(**batch).loss, self.settings
+        searching = self.drawn_by is None  # the L1 term ends with the search
+        total = loss + l1_penalty(unwrap(trainer.model), s.head_l1, s.ffn_l1) if searching else loss
+        (total * scale).backward()
         return loss.detach() * scale
 
     def on_step_start(self, trainer):
