@@ -318,7 +318,8 @@ class Trainer:
             module = unwrap(self.model)
             payload = {
                 "run_config": self.run_config, "step": self.step, "train_time": self.train_time,
-                "skipped_steps": self.skipped_steps, "model_config": dataclasses.asdict(module.config),
+                "skipped_steps": self.skipped_steps, "skipped_in_a_row": self._skipped_in_a_row,
+                "model_config": dataclasses.asdict(module.config),
                 "model": module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "per_rank": per_rank,
                 "hooks": [getattr(h, "state_dict", dict)() for h in self.hooks],
@@ -353,6 +354,7 @@ class Trainer:
         set_rng_state(mine["rng"])
         self.step, self.train_time = checkpoint["step"], checkpoint["train_time"]
         self.skipped_steps, self._saved_step = checkpoint["skipped_steps"], checkpoint["step"]
+        self._skipped_in_a_row = checkpoint.get("skipped_in_a_row", 0)  # a streak goes on across a resume
         return checkpoint
 
 

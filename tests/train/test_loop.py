@@ -58,6 +58,14 @@ def test_too_many_non_finite_steps_stop_the_run_and_keep_the_last_checkpoint(cor
     assert saved["step"] == 4 and all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
+def test_a_run_of_non_finite_steps_is_counted_across_a_resume(corpus, tmp_path, monkeypatch):
+    poison_gradient_at(monkeypatch, set(range(3, 100)))
+    cfg = dict(stages=None, num_layers=1, steps=20, checkpoint_interval=2, max_skipped_in_a_row=3)
+    pretrain(tiny_config(corpus, tmp_path, stop_after=4, **cfg))  # stops after steps 3 and 4 were skipped
+    with pytest.raises(FloatingPointError, match=r"steps 3 to 6: .* 4 times in a row"):
+        pretrain(tiny_config(corpus, tmp_path, resume=True, **cfg))
+
+
 class SignalAt(MLMBatches):
     """Batches that send a signal to this process while the loop draws batch number `at` (mid-step with
     grad_accum 2 and an odd `at`)."""
