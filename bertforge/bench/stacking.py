@@ -234,7 +234,7 @@ def markdown(result) -> str:
     if "verdict" in result:
         lines += ["", result["verdict"]]
     if result.get("pending"):
-        lines += ["", "Not measured yet (the invocation stopped before them): " + ", ".join(result["pending"]) + "."]
+        lines += ["", "Not measured yet: " + ", ".join(result["pending"]) + "."]
     return "\n".join(lines + [""])
 
 
