@@ -47,8 +47,9 @@ SCALES = {
                   downstream=dict(epochs=3, lr=2e-4, batch_size=32, max_seq_length=64)),
     # Where depth pays on this CPU: the "small" model on 64-token rows for 10,000 steps. The depth probe of the README
     # (report/bench/depth-probe) has 8 layers passing 2 after ~6,500 steps and ending 0.15 nats lower. The stage
-    # proportions of "base" (12.5%, 17.5% and 70% of the steps at 1/4, 1/2 and full depth). About 0.3 s per depth-8
-    # step, so ~2.5 h for the four runs on 2 cores: checkpoints every 500 steps, for --resume.
+    # proportions of "base" (12.5%, 17.5% and 70% of the steps at 1/4, 1/2 and full depth). About 0.33 s per depth-8
+    # step on one thread (55 min for the scratch run), ~3 h for the four runs: checkpoints every 500 steps, for
+    # --resume.
     "deep": dict(model=dict(hidden_size=128, num_heads=2, intermediate_size=512, batch_size=32,
                             max_seq_length=64, lr=1e-3, warmup_steps=50, dropout=0.1, vocab_size=8192),
                  depth=8, steps=10000, stages=["2:1250,4:1750,8:7000"], eval_interval=500, eval_batches=16,
