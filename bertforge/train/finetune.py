@@ -136,7 +136,9 @@ def self_distillation_losses(exit_logits, labels, gamma: float, temperature: flo
     teacher = F.softmax(final.detach().float() / temperature, dim=-1)
     exits = final.new_zeros((), dtype=torch.float32)
     for z in exit_logits[:-1]:
-        kl = F.kl_div(F.log_softmax(z.float() / temperature, dim=-1), teacher, reduction=reduction)
+        kl = F.kl_div(F.log_softmax(z.float() / temperature, dim=-1), teacher, reduction="sum")
+        # the value of torch's reduction "mean", without its warning that "mean" is not "batchmean"
+        kl = kl / (teacher.numel() if reduction == "mean" else teacher.shape[0])
         exits = exits + (1 - gamma) * F.cross_entropy(z, labels) + gamma * temperature ** 2 * kl
     return F.cross_entropy(final, labels), exits
 
