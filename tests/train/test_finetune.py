@@ -194,11 +194,12 @@ def test_deebert_keeps_the_best_model_of_its_second_stage(checkpoint, sentiment_
 
 def test_the_best_model_learns_and_loads_in_transformers_with_the_same_logits(checkpoint, sentiment_tsv, tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = run_config(checkpoint, sentiment_tsv, tmp_path, epochs=7, lr=3e-3, eval_interval=9)
+    # Learning comes as a jump, after 27 to 54 steps in 30 runs (in 1 of 7 more, after 63): 12 epochs, ~110 steps.
+    cfg = run_config(checkpoint, sentiment_tsv, tmp_path, epochs=12, lr=3e-3, eval_interval=9)
     summary = finetune(cfg)
     evals = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert max(r["accuracy"] for r in evals) >= 0.8, evals  # the label is one word of the sentence
-    assert summary["step"] == 7 * steps_per_epoch(cfg)
+    assert summary["step"] == cfg.epochs * steps_per_epoch(cfg)
     best = tmp_path / "best"
     ours = BertForSequenceClassification.from_pretrained(best).eval()
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(best).eval()
