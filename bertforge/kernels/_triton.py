@@ -38,6 +38,7 @@ class CompileSpec:
     # Elements one iteration of the kernel's main loop covers (score elements for attention), or one program when
     # it has no loop: the static report divides instruction counts by it. 0 = not stated.
     elements_per_iteration: int = 0
+    archs: range = range(1000)  # the compute capabilities (10 major + minor) that can launch it
 
 
 def config_label(config) -> str:
@@ -46,7 +47,7 @@ def config_label(config) -> str:
 
 
 def compile_spec(kernel, config, dtype: str, types: dict, constexprs: dict, label: str = "",
-                 divisible_scalars=(), elements_per_iteration=None) -> CompileSpec:
+                 divisible_scalars=(), elements_per_iteration=None, archs=range(1000)) -> CompileSpec:
     """One kernel variant for the offline compile check, the same way for every op.
 
     kernel: a @triton.jit function or the autotuner around one; config: the triton.Config it runs with (its block
@@ -55,7 +56,8 @@ def compile_spec(kernel, config, dtype: str, types: dict, constexprs: dict, labe
     Pointers are marked 16-divisible, as the JIT marks torch's aligned pointers, and so are `divisible_scalars`,
     the integer arguments real calls pass as multiples of 16: without that, loads are not vectorised.
     elements_per_iteration: a function of the constexprs (block sizes included) giving the elements one main-loop
-    iteration (or one loop-free program) covers.
+    iteration (or one loop-free program) covers. archs: the compute capabilities whose autotuner lists hold the
+    config (the compile check compiles it for those only).
     """
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     signature = kernel_signature(fn, types)
@@ -65,7 +67,8 @@ def compile_spec(kernel, config, dtype: str, types: dict, constexprs: dict, labe
                        constexprs=constexprs, num_warps=config.num_warps,
                        num_stages=config.num_stages, config=",".join(filter(None, (label, config_label(config)))),
                        dtype=dtype, divisible_args=divisible,
-                       elements_per_iteration=elements_per_iteration(constexprs) if elements_per_iteration else 0)
+                       elements_per_iteration=elements_per_iteration(constexprs) if elements_per_iteration else 0,
+                       archs=archs)
 
 
 PROGRAMS_PER_SM = 4  # enough resident programs per SM to hide memory latency in the backward reductions

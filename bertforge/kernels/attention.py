@@ -18,7 +18,7 @@ import triton.language as tl
 from . import reference
 from ._dispatch import use_triton
 from ._philox import DRAWN_PER_CALL, KernelDropout, eight_uniforms
-from ._triton import TRITON_DTYPE, CompileSpec, compile_spec, empty, interpreting
+from ._triton import TRITON_DTYPE, CompileSpec, compile_spec, config_label, empty, interpreting
 from ._validate import check_attention_inputs
 from .dropout import draw_dropout_seed
 
@@ -29,51 +29,82 @@ def _configs(*rows):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in rows]
 
 
-# Autotune candidates for A100/H100, keyed by (element bytes, head_dim class): 2 = fp16/bf16, 4 = fp32 (tf32
-# dots); head_dim 16..64 share the 64 lists, 80..128 the 128 lists. Every entry passes the offline compile check
-# (python -m bertforge.kernels.compile_check) in every variant it can run in: each dtype and head_dim block of its
-# list, packed or padded, with or without a mask and dropout, on sm_80 and sm_90: no register spill, shared memory
-# within the limit. Tiles that spilled in any one variant were dropped, e.g. the forward's 64x64 with 4 warps,
-# 128x32, 32x32 with 4 warps in fp32 and, at head_dim 128, 128x64, dK/dV 64x64 (4 or 8 warps) at head_dim 64;
-# BLOCK_N is a multiple of 32 (dropout).
+# Autotune candidates per GPU generation (80: A100 and every arch but Hopper; 90: H100), keyed by (element bytes,
+# head_dim class): 2 = fp16/bf16, 4 = fp32 (tf32 dots); head_dim 16..64 share the 64 lists, 80..128 the 128 lists.
+# Every entry passes the offline compile check (python -m bertforge.kernels.compile_check) in every variant it can
+# run in on its arch: each dtype and head_dim block of its list, packed or padded, with or without a mask and
+# dropout: no register spill, shared memory within the limit. Tiles that spilled in any one variant were dropped,
+# e.g. on sm_80 the forward's 64x64 with 4 warps, 128x32, 32x32 with 4 warps in fp32 and, at head_dim 128, 128x64,
+# dK/dV 64x64 (4 or 8 warps) at head_dim 64. BLOCK_N is a multiple of 32 (dropout).
+# On sm_90 wgmma needs 64 rows per warpgroup in every dot (a 32-row dot falls back to mma.sync), so its tiles have
+# BLOCK_M >= 64 and, in dK/dV, whose dots run with BLOCK_N rows too, BLOCK_N >= 64; except dK/dV at head_dim 128
+# and in fp32, where every 64x64 tile spilled (4, 8 or 16 warps: dK, dV, K and V all live in registers) and the
+# sm_80 lists stay.
 FWD_CONFIGS = {
-    (2, 64): _configs((128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)),
-    (2, 128): _configs((64, 32, 4, 4), (32, 32, 4, 2)),
-    (4, 64): _configs((32, 32, 2, 2), (32, 32, 4, 1)),
-    (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2)),
+    80: {(2, 64): _configs((128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)),
+         (2, 128): _configs((64, 32, 4, 4), (32, 32, 4, 2)),
+         (4, 64): _configs((32, 32, 2, 2), (32, 32, 4, 1)),
+         (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2))},
+    90: {(2, 64): _configs((128, 64, 8, 3), (64, 64, 4, 3)),
+         (2, 128): _configs((64, 32, 4, 4)),
+         (4, 64): _configs((64, 64, 4, 2), (64, 32, 4, 2)),
+         (4, 128): _configs((64, 32, 4, 2), (64, 32, 8, 2))},
 }
 DKDV_CONFIGS = {  # BLOCK_N keys held in registers, BLOCK_M queries streamed
-    (2, 64): _configs((64, 32, 8, 2), (32, 32, 4, 3)),
-    (2, 128): _configs((32, 64, 8, 2), (32, 32, 4, 2)),
-    (4, 64): _configs((32, 32, 2, 2)),
-    (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2)),
+    80: {(2, 64): _configs((64, 32, 8, 2), (32, 32, 4, 3)),
+         (2, 128): _configs((32, 64, 8, 2), (32, 32, 4, 2)),
+         (4, 64): _configs((32, 32, 2, 2)),
+         (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2))},
+    90: {(2, 64): _configs((64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 1)),
+         (2, 128): _configs((32, 64, 8, 2), (32, 32, 4, 2)),  # mma.sync
+         (4, 64): _configs((32, 32, 2, 2)),  # mma.sync
+         (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2))},  # mma.sync
 }
 DQ_CONFIGS = {  # BLOCK_M queries held, BLOCK_N keys streamed
-    (2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
-    (2, 128): _configs((32, 64, 4, 2), (32, 32, 8, 2)),
-    (4, 64): _configs((32, 32, 4, 2), (64, 32, 4, 2)),
-    (4, 128): _configs((32, 32, 4, 2)),
+    80: {(2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
+         (2, 128): _configs((32, 64, 4, 2), (32, 32, 8, 2)),
+         (4, 64): _configs((32, 32, 4, 2), (64, 32, 4, 2)),
+         (4, 128): _configs((32, 32, 4, 2))},
+    90: {(2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3)),
+         (2, 128): _configs((64, 64, 4, 2), (64, 32, 4, 2)),
+         (4, 64): _configs((64, 32, 4, 2), (64, 64, 4, 2)),
+         (4, 128): _configs((64, 32, 4, 2), (64, 32, 8, 2))},
 }
+ARCHS = {80: range(80, 90), 90: range(90, 100)}  # compute capabilities (10 major + minor) each table is for
 DELTA_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)  # elementwise + row sums: no loop
 
 
-def shipped_configs(table, block_d, elem_bytes):
-    """The configs a kernel may run with for this head_dim block and element size (2: fp16/bf16, 4: fp32)."""
-    return table[(elem_bytes, 64 if block_d <= 64 else 128)]
+def config_table(arch: int) -> int:
+    """The key of the config tables for a compute capability (10 major + minor): 90 on Hopper, 80 elsewhere."""
+    return 90 if arch in ARCHS[90] else 80
+
+
+def shipped_configs(table, block_d, elem_bytes, arch=80):
+    """The configs a kernel may run with on this arch for this head_dim block and element size (2: fp16/bf16,
+    4: fp32)."""
+    return table[config_table(arch)][(elem_bytes, 64 if block_d <= 64 else 128)]
+
+
+def _device_arch(tensor) -> int:
+    if tensor.device.type != "cuda":
+        return 80  # the interpreter runs the sm_80 lists
+    major, minor = torch.cuda.get_device_capability(tensor.device)
+    return 10 * major + minor
 
 
 def _pruner(table):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        kept = shipped_configs(table, args["BLOCK_D"], args["Q"].element_size())
+        kept = shipped_configs(table, args["BLOCK_D"], args["Q"].element_size(), _device_arch(args["Q"]))
         return kept[:1] if interpreting() else kept  # the interpreter cannot benchmark: first survivor
 
     return prune
 
 
 def _autotune(table):
-    every = [c for configs in table.values() for c in configs]
-    return triton.autotune(configs=every, key=["SEQLEN_BUCKET", "BLOCK_D", "IS_VARLEN", "HAS_MASK", "HAS_DROPOUT"],
+    every = {config_label(c): c for per_arch in table.values() for configs in per_arch.values() for c in configs}
+    return triton.autotune(configs=list(every.values()),
+                           key=["SEQLEN_BUCKET", "BLOCK_D", "IS_VARLEN", "HAS_MASK", "HAS_DROPOUT"],
                            prune_configs_by={"early_config_prune": _pruner(table)})
 
 
@@ -581,8 +612,8 @@ def attention_qkvpacked(qkv, *, key_padding_mask=None, cu_seqlens=None, max_seql
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every kernel variant a call can launch, for the offline compile check: each shipped config of each kernel,
-    for fp16/bf16/fp32, every head_dim block, each layout, with and without dropout."""
+    """Every kernel variant a call can launch, for the offline compile check: each shipped config of each kernel
+    on its arch, for fp16/bf16/fp32, every head_dim block, each layout, with and without dropout."""
     kernels = (_attention_fwd_kernel, _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel)
     # Strides and head_dim are multiples of 16 on typical calls (head_dim is), so the JIT marks them divisible.
     divisible_scalars = {name for kernel in kernels for name in kernel.fn.arg_names if name.startswith("stride_")}
@@ -600,9 +631,11 @@ def compile_specs() -> list[CompileSpec]:
                                  BLOCK_D=block_d)
                     label = f"D{block_d},{layout}" + (",dropout" if dropout else "")
                     for kernel, table in zip(kernels, (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS)):
-                        for config in shipped_configs(table, block_d, torch_dtype.itemsize):
-                            specs.append(compile_spec(kernel, config, dtype, types, flags, label, divisible_scalars,
-                                                      elements_per_iteration=score_tile))
+                        for arch, archs in ARCHS.items():
+                            for config in shipped_configs(table, block_d, torch_dtype.itemsize, arch):
+                                specs.append(compile_spec(kernel, config, dtype, types, flags, label,
+                                                          divisible_scalars, elements_per_iteration=score_tile,
+                                                          archs=archs))
             for is_varlen in (True, False):
                 specs.append(compile_spec(_attention_bwd_delta_kernel, DELTA_CONFIG, dtype, types,
                                           dict(IS_VARLEN=is_varlen, BLOCK_D=block_d),

@@ -76,7 +76,7 @@ def row_name(row: dict) -> str:
 
 
 def _spec_indices(module_name: str, only: str | None):
-    """(how many specs the module ships, the indices of those whose variant name matches the regex `only`, all
+    """(how many specs the module ships, (index, archs) of those whose variant name matches the regex `only`, all
     when None); None when the module has no compile_specs()."""
     try:
         module = importlib.import_module(module_name)
@@ -85,7 +85,8 @@ def _spec_indices(module_name: str, only: str | None):
     if not hasattr(module, "compile_specs"):
         return None
     specs = _specs(module_name)
-    matching = [i for i, spec in enumerate(specs) if only is None or re.search(only, variant_name(module_name, spec))]
+    matching = [(i, spec.archs) for i, spec in enumerate(specs)
+                if only is None or re.search(only, variant_name(module_name, spec))]
     return len(specs), matching
 
 
@@ -245,7 +246,8 @@ def _compiler_environment():
 
 
 def check(kernels=None, archs=(80, 90), jobs=None, only=None) -> list[dict]:
-    """Compile every spec of the given kernel modules for each arch in a process pool; one dict per (spec, arch).
+    """Compile every spec of the given kernel modules for each arch it is for (`CompileSpec.archs`) in a process
+    pool; one dict per (spec, arch).
     `only`: a regex; then only the variants whose `variant_name` it matches.
 
     Row keys: module, kernel, config, dtype, arch, num_warps, num_stages, registers, spill_bytes,
@@ -270,11 +272,11 @@ def check(kernels=None, archs=(80, 90), jobs=None, only=None) -> list[dict]:
             if unchecked:
                 raise CompileCheckError(f"no compile_specs() (or an empty list) in {', '.join(unchecked)}: "
                                         "their kernels would go unchecked")
-            indices = {m: matching for m, (_, matching) in found.items()}
-            if not any(indices.values()):
-                raise CompileCheckError(f"no variant matches --only {only!r}")
-            futures = [pool.submit(_check_spec, module, index, arch)
-                       for module, matching in indices.items() for index in matching for arch in archs]
+            compiles = [(module, index, arch) for module, (_, matching) in found.items()
+                        for index, spec_archs in matching for arch in archs if arch in spec_archs]
+            if not compiles:
+                raise CompileCheckError(f"no variant matches --only {only!r} on sm_{', sm_'.join(map(str, archs))}")
+            futures = [pool.submit(_check_spec, *compile) for compile in compiles]
             return [future.result() for future in futures]
         except BaseException:
             pool.shutdown(cancel_futures=True)  # do not wait for the queued compiles of a failed check
@@ -356,12 +358,13 @@ def _best_by_loop_cost(rows):
 
 
 def markdown_summary(rows: list[dict], before: list[dict] | None = None) -> str:
-    """The README's tables: resources per kernel over every variant; then, per attention kernel and arch, the
-    training variant (packed, dropout, bf16) at head_dim 64 and 32: the passing config with the fewest loop
-    instructions per score element, beside the same config without dropout, and (given `before`, the rows of an
-    earlier report) the same variant there."""
+    """The README's tables: resources per kernel over every variant, and how many sm_90 loops run a dot on
+    mma.sync instead of wgmma; then, per attention kernel and arch, the training variant (packed, dropout, bf16)
+    at head_dim 64 and 32: the passing config with the fewest loop instructions per score element, beside the
+    same config without dropout, and (given `before`, the rows of an earlier report) the same variant there."""
     lines = ["| kernel | variants (sm_80 / sm_90) | max registers (sm_80 / sm_90) | max spill bytes | "
-             "max shared memory KB (sm_80 / sm_90) |", "|---|---|---|---|---|"]
+             "max shared memory KB (sm_80 / sm_90) | sm_90 variants with mma.sync in the loop |",
+             "|---|---|---|---|---|---|"]
     kernels = list(dict.fromkeys(f"{r['module']}.{r['kernel']}" for r in rows))
     for kernel in kernels:
         per_arch = {a: [r for r in rows if f"{r['module']}.{r['kernel']}" == kernel and r["arch"] == a]
@@ -371,8 +374,9 @@ def markdown_summary(rows: list[dict], before: list[dict] | None = None) -> str:
             return " / ".join(str(fn(per_arch[a])) if per_arch[a] else "-" for a in (80, 90))
 
         spill = max((r["spill_bytes"] or 0) for a in (80, 90) for r in per_arch[a])
+        mma_sync = sum(1 for r in per_arch[90] if r["loop_hmma"])  # wgmma needs 64-row dots; smaller fall back
         lines.append(f"| {kernel} | {both(len)} | {both(lambda rs: max(r['registers'] or 0 for r in rs))} | {spill} | "
-                     f"{both(lambda rs: round(max(r['shared_bytes'] or 0 for r in rs) / 1024))} |")
+                     f"{both(lambda rs: round(max(r['shared_bytes'] or 0 for r in rs) / 1024))} | {mma_sync} |")
     earlier = {(row_name(r), r["arch"]): r for r in before or []}
     lines += ["", "| attention kernel (bf16, packed) | head_dim | arch | config | registers | loop instr per warp | "
               "mma per iteration | MUFU per iteration | instr per score element | without dropout | ratio |"

@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import types
 
 import pytest
 import torch
@@ -11,9 +12,10 @@ from torch.overrides import TorchFunctionMode
 from triton.runtime.interpreter import InterpretedFunction
 
 from bertforge.kernels import _validate, attention, attention_qkvpacked, checks_values, reference
-from bertforge.kernels._triton import poison_outputs
+from bertforge.kernels._triton import config_label, poison_outputs
 from bertforge.kernels._validate import HEAD_DIMS, check_attention_inputs
 from bertforge.kernels.attention import (
+    ARCHS,
     DKDV_CONFIGS,
     DQ_CONFIGS,
     FWD_CONFIGS,
@@ -63,7 +65,8 @@ def one_past_a_block(dtype, head_dim):
     loops over (forward and dQ: key blocks, dK/dV: query blocks): the last block then holds a single row, which a
     loop stopping one block early would drop. (At length 1 that cannot show: the exact dQ is zero.)"""
     loops = [(FWD_CONFIGS, "BLOCK_N"), (DQ_CONFIGS, "BLOCK_N"), (DKDV_CONFIGS, "BLOCK_M")]
-    blocks = {c.kwargs[size] for table, size in loops for c in shipped_configs(table, head_dim, dtype.itemsize)}
+    blocks = {c.kwargs[size] for table, size in loops for arch in ARCHS
+              for c in shipped_configs(table, head_dim, dtype.itemsize, arch)}
     return sorted((block + 1 for block in blocks), reverse=True)
 
 
@@ -257,26 +260,46 @@ def test_non_unit_last_stride_is_accepted():
     assert_close_rel(out, attention_math(q, q, q), torch.float32, "out")
 
 
+def test_the_autotuner_tries_the_lists_of_the_gpu_it_runs_on(monkeypatch):
+    """On an H100 the sm_90 lists (tiles sized for wgmma), on an A100 and any other GPU the sm_80 ones."""
+    monkeypatch.setattr(attention_module, "interpreting", lambda: False)  # the interpreter keeps one config
+    q = types.SimpleNamespace(device=torch.device("cuda", 0), element_size=lambda: 2)
+    for capability, table in [((9, 0), 90), ((8, 0), 80), ((8, 6), 80), ((12, 0), 80)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        for kernel, configs in [(attention_module._attention_fwd_kernel, FWD_CONFIGS),
+                                (attention_module._attention_bwd_dkdv_kernel, DKDV_CONFIGS),
+                                (attention_module._attention_bwd_dq_kernel, DQ_CONFIGS)]:
+            kept = kernel.early_config_prune(kernel.configs, {"Q": q, "BLOCK_D": 64})
+            assert kept == configs[table][(2, 64)], (capability, kernel.fn.__name__)
+    assert DKDV_CONFIGS[90][(2, 64)] != DKDV_CONFIGS[80][(2, 64)]
+
+
 def _config_cases(table, kind):
-    """One case per shipped config: fp16 runs the 2-byte tables, fp32 the 4-byte ones, head_dim 64 and 128."""
-    return [pytest.param(dtype, head_dim, i, id=f"{kind}-{str(dtype)[6:]}-d{head_dim}-{i}")
-            for dtype in (torch.float16, torch.float32) for head_dim in (64, 128)
-            for i in range(len(shipped_configs(table, head_dim, dtype.itemsize)))]
+    """One case per shipped config of any arch's lists: fp16 runs the 2-byte tables, fp32 the 4-byte ones, head_dim
+    64 and 128."""
+    cases = {}
+    for dtype in (torch.float16, torch.float32):
+        for head_dim in (64, 128):
+            for arch in ARCHS:
+                for config in shipped_configs(table, head_dim, dtype.itemsize, arch):
+                    name = f"{kind}-{str(dtype)[6:]}-d{head_dim}-{config_label(config)}"
+                    cases[name] = pytest.param(dtype, head_dim, config, id=name)
+    return list(cases.values())
 
 
-@pytest.mark.parametrize("dtype, head_dim, index", _config_cases(FWD_CONFIGS, "fwd"))
-def test_every_forward_config(dtype, head_dim, index):
-    _run_with_configs(dtype, head_dim, fwd=shipped_configs(FWD_CONFIGS, head_dim, dtype.itemsize)[index])
+@pytest.mark.parametrize("dtype, head_dim, config", _config_cases(FWD_CONFIGS, "fwd"))
+def test_every_forward_config(dtype, head_dim, config):
+    _run_with_configs(dtype, head_dim, fwd=config)
 
 
-@pytest.mark.parametrize("dtype, head_dim, index", _config_cases(DKDV_CONFIGS, "dkdv"))
-def test_every_dkdv_config(dtype, head_dim, index):
-    _run_with_configs(dtype, head_dim, dkdv=shipped_configs(DKDV_CONFIGS, head_dim, dtype.itemsize)[index])
+@pytest.mark.parametrize("dtype, head_dim, config", _config_cases(DKDV_CONFIGS, "dkdv"))
+def test_every_dkdv_config(dtype, head_dim, config):
+    _run_with_configs(dtype, head_dim, dkdv=config)
 
 
-@pytest.mark.parametrize("dtype, head_dim, index", _config_cases(DQ_CONFIGS, "dq"))
-def test_every_dq_config(dtype, head_dim, index):
-    _run_with_configs(dtype, head_dim, dq=shipped_configs(DQ_CONFIGS, head_dim, dtype.itemsize)[index])
+@pytest.mark.parametrize("dtype, head_dim, config", _config_cases(DQ_CONFIGS, "dq"))
+def test_every_dq_config(dtype, head_dim, config):
+    _run_with_configs(dtype, head_dim, dq=config)
 
 
 def _run_with_configs(dtype, head_dim, fwd=None, dkdv=None, dq=None):

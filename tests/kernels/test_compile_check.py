@@ -58,7 +58,8 @@ def test_the_committed_report_is_current_and_every_variant_in_it_passes(committe
     committed: it must come from today's kernel sources, list exactly today's variants, and have no failure."""
     assert committed_report["sources"] == source_fingerprint(KERNELS), f"the kernels changed; {REGENERATE}"
     expected = {(variant_name(module_path(name), spec), arch) for name in KERNELS
-                for spec in importlib.import_module(module_path(name)).compile_specs() for arch in ARCHS}
+                for spec in importlib.import_module(module_path(name)).compile_specs()
+                for arch in ARCHS if arch in spec.archs}
     rows = committed_report["rows"]
     assert len(rows) == len(expected) and {(row_name(r), r["arch"]) for r in rows} == expected, REGENERATE
     assert not [r for r in rows if r["problems"]], summary(rows)
@@ -77,6 +78,17 @@ def test_a_fresh_compile_agrees_with_the_committed_report(committed_report):
     reported = {(row_name(r), r["arch"]): r for r in committed_report["rows"]}
     for row in rows:
         assert row == reported[row_name(row), row["arch"]], f"{row_name(row)} sm_{row['arch']}: {REGENERATE}"
+
+
+def test_every_sm90_attention_loop_runs_its_dots_on_wgmma(committed_report):
+    """Except dK/dV at head_dim 128 and in fp32, whose 64-row tiles spill (attention.py): those keep mma.sync."""
+    loops = [r for r in committed_report["rows"] if r["module"] == "attention" and r["arch"] == 90
+             and r["loop_instructions"] is not None and r["kernel"] != "attention_bwd_delta"]
+    excepted = [r for r in loops if r["kernel"] == "attention_bwd_dkdv"
+                and (r["dtype"] == "fp32" or r["config"].startswith("D128,"))]
+    on_mma_sync = [f"{row_name(r)}: {r['loop_hmma']}" for r in loops if r["loop_hmma"] and r not in excepted]
+    assert not on_mma_sync, on_mma_sync
+    assert loops and all(r["loop_hgmma"] > 0 for r in loops if r not in excepted)
 
 
 @pytest.mark.parametrize("name", KERNELS)
@@ -207,6 +219,8 @@ def compile_specs():
                     4, 1, "BLOCK_K=8,w4,s1", "fp16", ("A", "B", "C", "K")),
         CompileSpec("exp_matmul", _toy_exp_matmul, matmul_signature, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32},
                     4, 2, "BLOCK=64,w4,s2", "fp16", ("A", "B", "C", "K"), elements_per_iteration=64 * 64),
+        CompileSpec("hopper_scale", _toy_scale, {"X": "*fp16", "Y": "*fp16", "n": "i32", "BLOCK": "constexpr"},
+                    {"BLOCK": 1024}, 4, 1, "BLOCK=1024,w4,s1", "fp16", ("X", "Y"), archs=range(90, 100)),
     ]
 
 
@@ -238,6 +252,12 @@ def test_kernel_over_the_shared_memory_limit_is_flagged(toy_rows, arch):
 def test_compiler_rejection_is_reported_not_raised(toy_rows):
     problems = toy_rows["thin_dot", 80]["problems"]
     assert len(problems) == 1 and problems[0].startswith("does not compile: CompilationError")
+
+
+def test_a_variant_is_compiled_only_for_the_archs_whose_lists_hold_it(toy_rows):
+    assert ("hopper_scale", 90) in toy_rows and ("hopper_scale", 80) not in toy_rows
+    with pytest.raises(CompileCheckError, match="no variant matches"):
+        check([__name__], (80,), jobs=1, only=r"\.hopper_scale ")
 
 
 def test_module_without_compile_specs_is_an_error():
