@@ -90,8 +90,9 @@ def test_mlm_train_step(benchmark, case, batch, weights_dir):
     model, optimizer = build(case, weights_dir)
     mask = batch["attention_mask"]
     benchmark.group = f"{GROUP} {profile} lengths"
+    labelled = int((batch["labels"] != IGNORE_INDEX).sum())
     benchmark.extra_info.update(provider=case, threads=torch.get_num_threads(), batch_shape=list(mask.shape),
-                                real_tokens=int(mask.sum()), labelled_tokens=int((batch["labels"] != IGNORE_INDEX).sum()))
+                                real_tokens=int(mask.sum()), labelled_tokens=labelled)
     warmup = 2 if case.endswith("-compile") else 1  # the first steps compile and allocate AdamW state
     loss = benchmark.pedantic(train_step, args=(model, optimizer, batch), rounds=ROUNDS, warmup_rounds=warmup)
     assert torch.isfinite(loss)

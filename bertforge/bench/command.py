@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bertforge.train.figures import saved_figure
+
 from .ratios import BASELINE, THROUGHPUT_KEYS
 
 HERE = Path(__file__).parent
@@ -153,11 +155,6 @@ def method_sections(benchmarks: list[dict]) -> list[str]:
 def plot_speedups(run: dict, path: Path) -> bool:
     """Bars per group: each provider's time over bertforge's (above 1: bertforge is faster). False if no group
     has a bertforge case."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = []
     for group, benchmarks in groups_of(run).items():
         base = next((b for b in benchmarks if provider(b) == BASELINE), None)
@@ -166,18 +163,15 @@ def plot_speedups(run: dict, path: Path) -> bool:
                      if b is not base]
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
     labels = [f"{group}: {name}" for group, name, _ in rows]
-    ax.barh(range(len(rows)), [r for _, _, r in rows], color=["tab:green" if r >= 1 else "tab:red"
-                                                             for _, _, r in rows])
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.axvline(1.0, color="black", lw=0.8)
-    ax.invert_yaxis()
-    ax.set(xlabel=f"provider time / {BASELINE} time, same run (above 1: {BASELINE} faster)",
-           title="bertforge against its baselines")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, figsize=(8, 0.35 * len(rows) + 1.5)) as (fig, ax):
+        ax.barh(range(len(rows)), [r for _, _, r in rows], color=["tab:green" if r >= 1 else "tab:red"
+                                                                 for _, _, r in rows])
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.invert_yaxis()
+        ax.set(xlabel=f"provider time / {BASELINE} time, same run (above 1: {BASELINE} faster)",
+               title="bertforge against its baselines")
     return True
 
 
@@ -244,7 +238,8 @@ def _run(args) -> int:
           flush=True)
     # -v: a progress line per case; -rs: each skipped case with its reason.
     methods = [f"--methods-out={out}"] if "bench_methods.py" in files else []
-    code = subprocess.run(pytest_command(files, "-v", "-rs", f"--benchmark-json={results}", *methods, *extra)).returncode
+    command = pytest_command(files, "-v", "-rs", f"--benchmark-json={results}", *methods, *extra)
+    code = subprocess.run(command).returncode
     if code not in (0, 5) or not results.exists():
         raise BenchError(f"the benchmarks failed (pytest exit status {code}); see its output above")
     run = load_run(results)

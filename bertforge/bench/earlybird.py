@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from bertforge.train.earlybird import EarlybirdConfig, earlybird
+from bertforge.train.figures import saved_figure
 from bertforge.train.finetune import FinetuneConfig, finetune
 
 FULL, EARLYBIRD, RANDOM = "full", "earlybird", "random ticket"
@@ -83,22 +84,15 @@ def ticket_and_settings(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, curve in result["curves"].items():
-        if curve:
-            ax.plot(*zip(*curve), marker="o", markersize=3, label=f"{name} (test {result['test_accuracy'][name]:.3f})")
-    ax.axvline(result["search_time_s"], color="gray", linestyle=":", label="earlybird: end of the search")
-    ax.set(xlabel="training time (s, evaluation excluded)", ylabel="dev accuracy",
-           title="EarlyBERT against full fine-tuning")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, figsize=(7, 4.2)) as (fig, ax):
+        for name, curve in result["curves"].items():
+            if curve:
+                ax.plot(*zip(*curve), marker="o", markersize=3,
+                        label=f"{name} (test {result['test_accuracy'][name]:.3f})")
+        ax.axvline(result["search_time_s"], color="gray", linestyle=":", label="earlybird: end of the search")
+        ax.set(xlabel="training time (s, evaluation excluded)", ylabel="dev accuracy",
+               title="EarlyBERT against full fine-tuning")
+        ax.legend(fontsize=8)
 
 
 def main(argv=None):

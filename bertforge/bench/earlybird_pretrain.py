@@ -33,6 +33,7 @@ from bertforge.bench.earlybird import ticket_and_settings
 from bertforge.bench.stacking import eval_log, loss_at
 from bertforge.model import IGNORE_INDEX
 from bertforge.model.slimming import prune_to_sizes
+from bertforge.train.figures import saved_figure
 from bertforge.train.mlm import heldout_batches
 from bertforge.train.pretrain import PretrainConfig, build_trainer, pretrain
 from bertforge.train.run_folder import claim_run_folder
@@ -135,24 +136,17 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, curve in result["curves"].items():
-        times, losses = zip(*curve[1:])  # from the first evaluation after step 0 (the untrained loss is far above)
-        ax.plot(times, losses, marker="o", markersize=2, label=f"{name} ({result['heldout_loss'][name]:.3f})")
-    ax.axvline(result["ticket"]["search_train_time"], color="gray", linestyle=":", label="earlybird: ticket drawn")
-    ax.axhline(result["unigram_loss"], color="black", linewidth=1, linestyle="--",
-               label=f"word frequencies alone ({result['unigram_loss']:.3f})")
-    ax.set(xlabel="training time (s, evaluation excluded)", ylabel="held-out MLM loss",
-           title="EarlyBERT in pre-training against the full model")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, figsize=(7, 4.2)) as (fig, ax):
+        for name, curve in result["curves"].items():
+            times, losses = zip(*curve[1:])  # from the first evaluation after step 0 (the untrained loss is far above)
+            ax.plot(times, losses, marker="o", markersize=2, label=f"{name} ({result['heldout_loss'][name]:.3f})")
+        ax.axvline(result["ticket"]["search_train_time"], color="gray", linestyle=":",
+                   label="earlybird: ticket drawn")
+        ax.axhline(result["unigram_loss"], color="black", linewidth=1, linestyle="--",
+                   label=f"word frequencies alone ({result['unigram_loss']:.3f})")
+        ax.set(xlabel="training time (s, evaluation excluded)", ylabel="held-out MLM loss",
+               title="EarlyBERT in pre-training against the full model")
+        ax.legend(fontsize=8)
 
 
 def main(argv=None):

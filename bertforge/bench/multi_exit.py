@@ -30,6 +30,7 @@ import torch
 from bertforge.model import BertForSequenceClassification, BertModel, MultiExitBert, early_exit, pooled_early_exit
 from bertforge.train import corpus
 from bertforge.train.classification_data import classification_batches, rotten_tomatoes
+from bertforge.train.figures import saved_figure
 from bertforge.train.finetune import FinetuneConfig, finetune
 from bertforge.train.tokenizer import load_tokenizer
 
@@ -208,53 +209,38 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     speed = result["speed"]
-    fig, axes = plt.subplots(1, 1 + len(SWEEPS), figsize=(5 * (1 + len(SWEEPS)), 4.2))
     depth = max(len(run["test_exit_accuracy"]) for run in result["runs"].values())
-    for name, run in result["runs"].items():
-        accuracy = run["test_exit_accuracy"]  # a plain model has only the last layer's classifier
-        axes[0].plot(range(depth - len(accuracy) + 1, depth + 1), accuracy, marker="o", label=name)
-    axes[0].set(xlabel="exit (layer)", ylabel="test accuracy", title="accuracy of each exit")
-    axes[0].legend()
-    for ax, criterion in zip(axes[1:], SWEEPS):
-        for name, sweeps in speed.items():
-            if criterion in sweeps:
-                rows = sweeps[criterion]
-                ax.plot([r["speed_up"] for r in rows], [r["accuracy"] for r in rows], marker=".", label=name)
-        ax.axvline(2.0, color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="speed-up over all layers (batch 32, wall-clock)", ylabel="test accuracy", title=criterion)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, 1, 1 + len(SWEEPS), figsize=(5 * (1 + len(SWEEPS)), 4.2)) as (fig, axes):
+        for name, run in result["runs"].items():
+            accuracy = run["test_exit_accuracy"]  # a plain model has only the last layer's classifier
+            axes[0].plot(range(depth - len(accuracy) + 1, depth + 1), accuracy, marker="o", label=name)
+        axes[0].set(xlabel="exit (layer)", ylabel="test accuracy", title="accuracy of each exit")
+        axes[0].legend()
+        for ax, criterion in zip(axes[1:], SWEEPS):
+            for name, sweeps in speed.items():
+                if criterion in sweeps:
+                    rows = sweeps[criterion]
+                    ax.plot([r["speed_up"] for r in rows], [r["accuracy"] for r in rows], marker=".", label=name)
+            ax.axvline(2.0, color="grey", lw=0.8, ls=":")
+            ax.set(xlabel="speed-up over all layers (batch 32, wall-clock)", ylabel="test accuracy", title=criterion)
+            ax.legend()
 
 
 def plot_serving(result: dict, path: Path):
     """Bars: sequences/s of all layers, shrinking batch and pools, per recipe and criterion."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cases = [(name, r) for name, rows in result.get("serving", {}).items() for r in rows]
     if not cases:
         return
     ways = {"all_layers": "all layers", "shrinking_batch": "shrinking batch", "pools": "per-layer pools"}
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases)), 4.2))
-    for k, (way, label) in enumerate(ways.items()):
-        ax.bar([i + (k - 1) * 0.27 for i in range(len(cases))], [r[way]["sequences_per_s"] for _, r in cases],
-               width=0.27, label=label)
-    ax.set_xticks(range(len(cases)), [f"{name}\n{r['criterion']} {r['value']}" for name, r in cases], fontsize=8)
-    ax.set(ylabel="sequences / s", title="serving the test set as a stream, batch 32 (same predictions per rule)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, figsize=(max(6, 1.1 * len(cases)), 4.2)) as (fig, ax):
+        for k, (way, label) in enumerate(ways.items()):
+            ax.bar([i + (k - 1) * 0.27 for i in range(len(cases))], [r[way]["sequences_per_s"] for _, r in cases],
+                   width=0.27, label=label)
+        ax.set_xticks(range(len(cases)), [f"{name}\n{r['criterion']} {r['value']}" for name, r in cases],
+                      fontsize=8)
+        ax.set(ylabel="sequences / s", title="serving the test set as a stream, batch 32 (same predictions per rule)")
+        ax.legend()
 
 
 def main(argv=None):

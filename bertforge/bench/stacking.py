@@ -29,6 +29,7 @@ import json
 import os
 from pathlib import Path
 
+from bertforge.train.figures import saved_figure
 from bertforge.train.finetune import FinetuneConfig, finetune
 from bertforge.train.pretrain import PretrainConfig, pretrain, save_vocabulary
 
@@ -241,36 +242,29 @@ def markdown(result) -> str:
 
 def plot(result, path):
     """Held-out loss against training wall-clock and, when the steps are known, against optimizer steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by_step = "eval_steps" in result
-    fig, axes = plt.subplots(1, 2 if by_step else 1, figsize=(13 if by_step else 7, 4.5), squeeze=False)
-    panels = [(axes[0][0], "training wall-clock (s, evaluation excluded)", None)]
-    if by_step:
-        panels.append((axes[0][1], "optimizer steps", result["eval_steps"]))
     # Zoom past the untrained first evaluation (about ln(vocab) nats), where the curves are far apart.
     later = [loss for curve in result["curves"].values() for _, loss in curve[1:]]
-    for ax, xlabel, steps in panels:
-        for name, curve in result["curves"].items():
-            xs = [t for t, _ in curve] if steps is None else steps[name]
-            ax.plot(xs, [loss for _, loss in curve], marker="o", markersize=3, label=name)
-        ax.axhline(result["target_loss"], color="gray", linestyle="--", linewidth=1, label="from-scratch final loss")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out MLM loss (nats)")
-        if later:
-            spread = max(later) - min(later)
-            ax.set_ylim(min(later) - 0.1 * spread, max(later) + 0.1 * spread)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0][0].set_title(f"Progressive stacking vs from scratch ({result['scale']} scale, CPU)")
-    if by_step:
-        axes[0][1].set_title("the same runs per step (a stage's depth sets a step's cost)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, 1, 2 if by_step else 1, figsize=(13 if by_step else 7, 4.5), squeeze=False) as (_, axes):
+        panels = [(axes[0][0], "training wall-clock (s, evaluation excluded)", None)]
+        if by_step:
+            panels.append((axes[0][1], "optimizer steps", result["eval_steps"]))
+        for ax, xlabel, steps in panels:
+            for name, curve in result["curves"].items():
+                xs = [t for t, _ in curve] if steps is None else steps[name]
+                ax.plot(xs, [loss for _, loss in curve], marker="o", markersize=3, label=name)
+            ax.axhline(result["target_loss"], color="gray", linestyle="--", linewidth=1,
+                       label="from-scratch final loss")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("held-out MLM loss (nats)")
+            if later:
+                spread = max(later) - min(later)
+                ax.set_ylim(min(later) - 0.1 * spread, max(later) + 0.1 * spread)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        axes[0][0].set_title(f"Progressive stacking vs from scratch ({result['scale']} scale, CPU)")
+        if by_step:
+            axes[0][1].set_title("the same runs per step (a stage's depth sets a step's cost)")
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ import torch
 
 from bertforge.model.growth import unwrap
 from bertforge.model.slimming import EarlyBird, coefficients, draw_ticket, l1_penalty
+from bertforge.train.figures import saved_figure
 
 
 @dataclasses.dataclass
@@ -141,22 +142,14 @@ def ticket_summary(ticket: dict) -> dict:
 
 def plot_distances(ticket: dict, threshold: float, path):
     """The largest and smallest distance of each record's ticket to the ones before it in the window."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [(r["step"], max(r["distances"]), min(r["distances"])) for r in ticket["records"] if r["distances"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if rows:
-        steps, largest, smallest = zip(*rows)
-        ax.plot(steps, largest, marker="o", label="largest distance to the earlier tickets in the window")
-        ax.plot(steps, smallest, marker=".", linestyle=":", label="smallest")
-    ax.axhline(threshold, color="gray", linestyle="--", label=f"threshold {threshold}")
-    ax.axvline(ticket["step"], color="tab:red", linewidth=1, label=f"drawn at step {ticket['step']}")
-    ax.set(xlabel="search step", ylabel="normalised Hamming distance of the masks",
-           title="EarlyBERT ticket: mask distance during the search")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, figsize=(7, 4)) as (fig, ax):
+        if rows:
+            steps, largest, smallest = zip(*rows)
+            ax.plot(steps, largest, marker="o", label="largest distance to the earlier tickets in the window")
+            ax.plot(steps, smallest, marker=".", linestyle=":", label="smallest")
+        ax.axhline(threshold, color="gray", linestyle="--", label=f"threshold {threshold}")
+        ax.axvline(ticket["step"], color="tab:red", linewidth=1, label=f"drawn at step {ticket['step']}")
+        ax.set(xlabel="search step", ylabel="normalised Hamming distance of the masks",
+               title="EarlyBERT ticket: mask distance during the search")
+        ax.legend(fontsize=8)
