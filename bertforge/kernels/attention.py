@@ -29,46 +29,64 @@ def _configs(*rows):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in rows]
 
 
+def _by_head_dim(lists):
+    """Lists keyed (element bytes, head_dim class); head_dim 16..32 runs the 32 list, 48..64 the 64 list, 80..128
+    the 128 list, and a class-32 list not given is the class-64 one."""
+    return {**{(size, 32): configs for (size, block), configs in lists.items() if block == 64}, **lists}
+
+
+def _head_dim_class(block_d: int) -> int:
+    return 32 if block_d <= 32 else 64 if block_d <= 64 else 128
+
+
 # Autotune candidates per GPU generation (80: A100 and every arch but Hopper; 90: H100), keyed by (element bytes,
-# head_dim class): 2 = fp16/bf16, 4 = fp32 (tf32 dots); head_dim 16..64 share the 64 lists, 80..128 the 128 lists.
+# head_dim class): 2 = fp16/bf16, 4 = fp32 (tf32 dots); see _by_head_dim.
 # Every entry passes the offline compile check (python -m bertforge.kernels.compile_check) in every variant it can
 # run in on its arch: each dtype and head_dim block of its list, packed or padded, with or without a mask and
 # dropout: no register spill, shared memory within the limit. Tiles that spilled in any one variant were dropped,
 # e.g. on sm_80 the forward's 64x64 with 4 warps, 128x32, 32x32 with 4 warps in fp32 and, at head_dim 128, 128x64,
-# dK/dV 64x64 (4 or 8 warps) at head_dim 64. BLOCK_N is a multiple of 32 (dropout).
+# dK/dV 64x64 (4 or 8 warps) at head_dim 64, and the forward's 128x128 at head_dim 16 and 32 (ptxas then holds it
+# to 128 registers). BLOCK_N is a multiple of 32 (dropout).
 # On sm_90 wgmma needs 64 rows per warpgroup in every dot (a 32-row dot falls back to mma.sync), so its tiles have
 # BLOCK_M >= 64 and, in dK/dV, whose dots run with BLOCK_N rows too, BLOCK_N >= 64; except dK/dV at head_dim 128
 # and in fp32, where every 64x64 tile spilled (4, 8 or 16 warps: dK, dV, K and V all live in registers) and the
 # sm_80 lists stay.
 FWD_CONFIGS = {
-    80: {(2, 64): _configs((128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)),
-         (2, 128): _configs((64, 32, 4, 4), (32, 32, 4, 2)),
-         (4, 64): _configs((32, 32, 2, 2), (32, 32, 4, 1)),
-         (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2))},
-    90: {(2, 64): _configs((128, 64, 8, 3), (64, 64, 4, 3)),
-         (2, 128): _configs((64, 32, 4, 4)),
-         (4, 64): _configs((64, 64, 4, 2), (64, 32, 4, 2)),
-         (4, 128): _configs((64, 32, 4, 2), (64, 32, 8, 2))},
+    80: _by_head_dim({
+        (2, 32): _configs((128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)),
+        (2, 64): _configs((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)),
+        (2, 128): _configs((64, 32, 4, 4), (32, 32, 4, 2)),
+        (4, 64): _configs((32, 32, 2, 2), (32, 32, 4, 1)),
+        (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2))}),
+    90: _by_head_dim({
+        (2, 64): _configs((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
+        (2, 128): _configs((64, 32, 4, 4)),
+        (4, 64): _configs((64, 64, 4, 2), (64, 32, 4, 2)),
+        (4, 128): _configs((64, 32, 4, 2), (64, 32, 8, 2))}),
 }
 DKDV_CONFIGS = {  # BLOCK_N keys held in registers, BLOCK_M queries streamed
-    80: {(2, 64): _configs((64, 32, 8, 2), (32, 32, 4, 3)),
-         (2, 128): _configs((32, 64, 8, 2), (32, 32, 4, 2)),
-         (4, 64): _configs((32, 32, 2, 2)),
-         (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2))},
-    90: {(2, 64): _configs((64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 1)),
-         (2, 128): _configs((32, 64, 8, 2), (32, 32, 4, 2)),  # mma.sync
-         (4, 64): _configs((32, 32, 2, 2)),  # mma.sync
-         (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2))},  # mma.sync
+    80: _by_head_dim({
+        (2, 64): _configs((64, 32, 8, 2), (32, 32, 4, 3)),
+        (2, 128): _configs((32, 64, 8, 2), (32, 32, 4, 2)),
+        (4, 64): _configs((32, 32, 2, 2)),
+        (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2))}),
+    90: _by_head_dim({
+        (2, 64): _configs((64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 1)),
+        (2, 128): _configs((32, 64, 8, 2), (32, 32, 4, 2)),  # mma.sync
+        (4, 64): _configs((32, 32, 2, 2)),  # mma.sync
+        (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2))}),  # mma.sync
 }
 DQ_CONFIGS = {  # BLOCK_M queries held, BLOCK_N keys streamed
-    80: {(2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
-         (2, 128): _configs((32, 64, 4, 2), (32, 32, 8, 2)),
-         (4, 64): _configs((32, 32, 4, 2), (64, 32, 4, 2)),
-         (4, 128): _configs((32, 32, 4, 2))},
-    90: {(2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3)),
-         (2, 128): _configs((64, 64, 4, 2), (64, 32, 4, 2)),
-         (4, 64): _configs((64, 32, 4, 2), (64, 64, 4, 2)),
-         (4, 128): _configs((64, 32, 4, 2), (64, 32, 8, 2))},
+    80: _by_head_dim({
+        (2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
+        (2, 128): _configs((32, 64, 4, 2), (32, 32, 8, 2)),
+        (4, 64): _configs((32, 32, 4, 2), (64, 32, 4, 2)),
+        (4, 128): _configs((32, 32, 4, 2))}),
+    90: _by_head_dim({
+        (2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3)),
+        (2, 128): _configs((64, 64, 4, 2), (64, 32, 4, 2)),
+        (4, 64): _configs((64, 32, 4, 2), (64, 64, 4, 2)),
+        (4, 128): _configs((64, 32, 4, 2), (64, 32, 8, 2))}),
 }
 ARCHS = {80: range(80, 90), 90: range(90, 100)}  # compute capabilities (10 major + minor) each table is for
 DELTA_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)  # elementwise + row sums: no loop
@@ -82,7 +100,7 @@ def config_table(arch: int) -> int:
 def shipped_configs(table, block_d, elem_bytes, arch=80):
     """The configs a kernel may run with on this arch for this head_dim block and element size (2: fp16/bf16,
     4: fp32)."""
-    return table[config_table(arch)][(elem_bytes, 64 if block_d <= 64 else 128)]
+    return table[config_table(arch)][(elem_bytes, _head_dim_class(block_d))]
 
 
 def _device_arch(tensor) -> int:

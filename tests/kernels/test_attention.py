@@ -269,17 +269,19 @@ def test_the_autotuner_tries_the_lists_of_the_gpu_it_runs_on(monkeypatch):
         for kernel, configs in [(attention_module._attention_fwd_kernel, FWD_CONFIGS),
                                 (attention_module._attention_bwd_dkdv_kernel, DKDV_CONFIGS),
                                 (attention_module._attention_bwd_dq_kernel, DQ_CONFIGS)]:
-            kept = kernel.early_config_prune(kernel.configs, {"Q": q, "BLOCK_D": 64})
-            assert kept == configs[table][(2, 64)], (capability, kernel.fn.__name__)
+            for block_d, head_dim_class in [(16, 32), (32, 32), (64, 64), (128, 128)]:
+                kept = kernel.early_config_prune(kernel.configs, {"Q": q, "BLOCK_D": block_d})
+                assert kept == configs[table][(2, head_dim_class)], (capability, block_d, kernel.fn.__name__)
     assert DKDV_CONFIGS[90][(2, 64)] != DKDV_CONFIGS[80][(2, 64)]
+    assert FWD_CONFIGS[80][(2, 32)] != FWD_CONFIGS[80][(2, 64)]
 
 
 def _config_cases(table, kind):
     """One case per shipped config of any arch's lists: fp16 runs the 2-byte tables, fp32 the 4-byte ones, head_dim
-    64 and 128."""
+    32, 64 and 128 (one per class)."""
     cases = {}
     for dtype in (torch.float16, torch.float32):
-        for head_dim in (64, 128):
+        for head_dim in (32, 64, 128):
             for arch in ARCHS:
                 for config in shipped_configs(table, head_dim, dtype.itemsize, arch):
                     name = f"{kind}-{str(dtype)[6:]}-d{head_dim}-{config_label(config)}"
