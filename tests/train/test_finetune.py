@@ -52,6 +52,7 @@ def steps_per_epoch(cfg):
 # -- losses ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")  # torch's own module, the reference
 def test_self_distillation_matches_the_official_formula_with_torch_modules():
     logits = [torch.randn(5, 3) for _ in range(4)]
     labels = torch.randint(3, (5,))
