@@ -45,8 +45,8 @@ def _head_dim_class(block_d: int) -> int:
 # run in on its arch: each dtype and head_dim block of its list, packed or padded, with or without a mask and
 # dropout: no register spill, shared memory within the limit. Tiles that spilled in any one variant were dropped,
 # e.g. on sm_80 the forward's 64x64 with 4 warps, 128x32, 32x32 with 4 warps in fp32 and, at head_dim 128, 128x64,
-# dK/dV 64x64 (4 or 8 warps) at head_dim 64, and the forward's 128x128 at head_dim 16 and 32 (ptxas then holds it
-# to 128 registers). BLOCK_N is a multiple of 32 (dropout).
+# dK/dV 64x64 (4 or 8 warps) at head_dim 64 (kept at 16..32), the forward's 128x128 at head_dim 16 and 32 (ptxas
+# then holds it to 128 registers) and dQ's 128x128. BLOCK_N is a multiple of 32 (dropout).
 # On sm_90 wgmma needs 64 rows per warpgroup in every dot (a 32-row dot falls back to mma.sync), so its tiles have
 # BLOCK_M >= 64 and, in dK/dV, whose dots run with BLOCK_N rows too, BLOCK_N >= 64; except dK/dV at head_dim 128
 # and in fp32, where every 64x64 tile spilled (4, 8 or 16 warps: dK, dV, K and V all live in registers) and the
@@ -66,6 +66,7 @@ FWD_CONFIGS = {
 }
 DKDV_CONFIGS = {  # BLOCK_N keys held in registers, BLOCK_M queries streamed
     80: _by_head_dim({
+        (2, 32): _configs((64, 32, 8, 2), (64, 64, 4, 1), (64, 64, 4, 2), (32, 32, 4, 3)),
         (2, 64): _configs((64, 32, 8, 2), (32, 32, 4, 3)),
         (2, 128): _configs((32, 64, 8, 2), (32, 32, 4, 2)),
         (4, 64): _configs((32, 32, 2, 2)),
@@ -78,12 +79,12 @@ DKDV_CONFIGS = {  # BLOCK_N keys held in registers, BLOCK_M queries streamed
 }
 DQ_CONFIGS = {  # BLOCK_M queries held, BLOCK_N keys streamed
     80: _by_head_dim({
-        (2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3), (32, 32, 4, 2)),
+        (2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 3), (32, 32, 4, 2)),
         (2, 128): _configs((32, 64, 4, 2), (32, 32, 8, 2)),
         (4, 64): _configs((32, 32, 4, 2), (64, 32, 4, 2)),
         (4, 128): _configs((32, 32, 4, 2))}),
     90: _by_head_dim({
-        (2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3)),
+        (2, 64): _configs((64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2)),
         (2, 128): _configs((64, 64, 4, 2), (64, 32, 4, 2)),
         (4, 64): _configs((64, 32, 4, 2), (64, 64, 4, 2)),
         (4, 128): _configs((64, 32, 4, 2), (64, 32, 8, 2))}),
