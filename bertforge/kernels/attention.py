@@ -67,7 +67,7 @@ FWD_CONFIGS = {
 DKDV_CONFIGS = {  # BLOCK_N keys held in registers, BLOCK_M queries streamed
     80: _by_head_dim({
         (2, 32): _configs((64, 32, 8, 2), (64, 64, 4, 1), (64, 64, 4, 2), (32, 32, 4, 3)),
-        (2, 64): _configs((64, 32, 8, 2), (32, 32, 4, 3)),
+        (2, 64): _configs((64, 32, 8, 2), (64, 32, 4, 1), (32, 32, 4, 3)),
         (2, 128): _configs((32, 64, 8, 2), (32, 32, 4, 2)),
         (4, 64): _configs((32, 32, 2, 2)),
         (4, 128): _configs((32, 32, 4, 2), (32, 64, 8, 2))}),
