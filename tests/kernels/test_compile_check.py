@@ -54,7 +54,7 @@ def committed_report():
 
 
 def test_the_committed_report_is_current_and_every_variant_in_it_passes(committed_report):
-    """The full check (every variant a call can launch: thousands of compiles, about 20 minutes on 2 cores) is
+    """The full check (every variant a call can launch: thousands of compiles, about 10 minutes on 2 cores) is
     committed: it must come from today's kernel sources, list exactly today's variants, and have no failure."""
     assert committed_report["sources"] == source_fingerprint(KERNELS), f"the kernels changed; {REGENERATE}"
     expected = {(variant_name(module_path(name), spec), arch) for name in KERNELS
