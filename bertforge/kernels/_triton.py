@@ -22,6 +22,9 @@ def prune_configs_for_host(configs, named_args, **kwargs):
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
+ANY_ARCH = range(1000)  # compute capabilities (10 major + minor): a variant every GPU may launch
+
+
 @dataclasses.dataclass
 class CompileSpec:
     """One kernel variant to compile offline: what `triton.compile(ASTSource(...))` needs, plus a label."""
@@ -38,7 +41,7 @@ class CompileSpec:
     # Elements one iteration of the kernel's main loop covers (score elements for attention), or one program when
     # it has no loop: the static report divides instruction counts by it. 0 = not stated.
     elements_per_iteration: int = 0
-    archs: range = range(1000)  # the compute capabilities (10 major + minor) that can launch it
+    archs: range = ANY_ARCH  # the compute capabilities that can launch it
 
 
 def config_label(config) -> str:
@@ -47,7 +50,7 @@ def config_label(config) -> str:
 
 
 def compile_spec(kernel, config, dtype: str, types: dict, constexprs: dict, label: str = "",
-                 divisible_scalars=(), elements_per_iteration=None, archs=range(1000)) -> CompileSpec:
+                 divisible_scalars=(), elements_per_iteration=None, archs=ANY_ARCH) -> CompileSpec:
     """One kernel variant for the offline compile check, the same way for every op.
 
     kernel: a @triton.jit function or the autotuner around one; config: the triton.Config it runs with (its block
