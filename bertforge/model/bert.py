@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bertforge.kernels import Dropout, attention_qkvpacked, bias_gelu, checks_values, layer_norm
+from bertforge.kernels import Dropout, attention_qkvpacked, bias_gelu, checks_values, layer_norm, linear_cross_entropy
 from bertforge.kernels.padding import pad
 
 from . import convert
@@ -172,8 +172,15 @@ class BertMLMHead(nn.Module):
         self.norm = ResidualLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
+    def transform(self, h):
+        return self.norm(self.dense(h))
+
     def forward(self, h, decoder_weight):
-        return F.linear(self.norm(self.dense(h)), decoder_weight, self.bias)
+        return F.linear(self.transform(h), decoder_weight, self.bias)
+
+    def loss(self, h, decoder_weight, targets):
+        """Mean cross-entropy of the decoder's logits for rows h against targets, without keeping the logits."""
+        return linear_cross_entropy(self.transform(h), decoder_weight, self.bias, targets)
 
 
 def init_weights(module: nn.Module, std: float):
@@ -334,8 +341,9 @@ class BertModel(BertPreTrainedModel):
 class BertForMaskedLM(BertPreTrainedModel):
     """BertModel (no pooler) + MLM head with the decoder tied to the word embeddings.
 
-    With labels: loss over positions whose label is not IGNORE_INDEX, and logits (n_labelled, vocab) for those
-    positions only, in row-major order; a batch without any labelled position has loss 0 (zero gradients).
+    With labels: the mean cross-entropy over positions whose label is not IGNORE_INDEX, and no logits (the
+    decoder runs on those positions only and reduces its logits to the loss as it goes: see
+    `bertforge.kernels.linear_cross_entropy`); a batch without any labelled position has loss 0 (zero gradients).
     Without labels: logits (batch, seq, vocab).
     """
 
@@ -361,13 +369,12 @@ class BertForMaskedLM(BertPreTrainedModel):
         check_mlm_labels(self.config, labels, input_ids, attention_mask, label_positions)
         if label_positions is None:
             label_positions = mlm_label_positions(labels)
-        # Sparse prediction: only the labelled ~15% of positions go through the vocabulary-sized decoder.
-        logits = self.head(h.flatten(0, 1).index_select(0, label_positions), decoder)
+        # Sparse prediction: only the labelled ~15% of positions go through the vocabulary-sized decoder, whose
+        # logits are reduced to the loss chunk by chunk and not returned. No labelled position gives loss 0 and
+        # zero gradients (cross-entropy's mean over nothing would be NaN and poison the weights).
         targets = labels.flatten().index_select(0, label_positions)
-        # No labelled position: cross-entropy's mean over nothing is NaN, which would poison the weights; the
-        # empty sum is 0 and gives zero gradients.
-        loss = F.cross_entropy(logits, targets) if label_positions.numel() else logits.sum()
-        return BertModelOutput(loss=loss, logits=logits, last_hidden_state=h)
+        loss = self.head.loss(h.flatten(0, 1).index_select(0, label_positions), decoder, targets)
+        return BertModelOutput(loss=loss, last_hidden_state=h)
 
 
 def classification_loss(logits, labels, problem_type=None):
