@@ -13,7 +13,7 @@ extra_info["provider"]; the suite's report prints every case's time as a ratio t
 the same run. CPU cases run on bertforge's plain-PyTorch kernels (what bertforge runs on a CPU).
 extra_info["GFLOP/s"] counts the work bertforge does (real tokens only, the MLM head at the labelled positions;
 backward = 2x forward) for every provider, so it is comparable across them; a torch.mm case measures the CPU's fp32
-matmul ceiling in the same run.
+matmul ceiling in the same run, and another the rate of the full-rows step's own matmuls run alone.
 
 On a shared machine, OpenMP threads stall whenever another process holds a core; pin the threads
 (`OMP_NUM_THREADS=1`) for stable ratios.
@@ -98,6 +98,46 @@ def test_mlm_train_step(benchmark, case, batch, weights_dir):
     assert torch.isfinite(loss)
     if benchmark.stats:  # None under --benchmark-disable
         flops = useful_flops(CONFIG, mask, batch["labels"])
+        benchmark.extra_info["GFLOP/s"] = flops / benchmark.stats.stats.median / 1e9
+
+
+def step_matmuls(config: dict, batch_size: int, seq_len: int, labelled: int):
+    """The matmuls of one training step on full rows, with fresh operands of their shapes: per linear layer the
+    forward x @ W.T, the input's gradient g @ W and the weight's g.T @ x; per attention product the batched
+    forward and its two gradients; returns (callables, FLOPs)."""
+    h, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads, tokens = config["num_attention_heads"], batch_size * seq_len
+
+    def linear(rows, inputs, outputs):
+        x, w, g = torch.randn(rows, inputs), torch.randn(outputs, inputs), torch.randn(rows, outputs)
+        return [lambda: x @ w.t(), lambda: g @ w, lambda: g.t() @ x], 6 * rows * inputs * outputs
+
+    def batched(m, k, n):
+        a, b, g = (torch.randn(batch_size * heads, *shape) for shape in ((m, k), (k, n), (m, n)))
+        return [lambda: a @ b, lambda: g @ b.transpose(1, 2), lambda: a.transpose(1, 2) @ g], 6 * a.shape[0] * m * k * n
+
+    d = h // heads
+    layer = [linear(tokens, h, 3 * h), linear(tokens, h, h), linear(tokens, h, ffn), linear(tokens, ffn, h),
+             batched(seq_len, d, seq_len), batched(seq_len, seq_len, d)]
+    head = [linear(labelled, h, h), linear(labelled, h, vocab)]
+    calls = [f for fns, _ in layer for f in fns] * config["num_hidden_layers"] + [f for fns, _ in head for f in fns]
+    flops = config["num_hidden_layers"] * sum(f for _, f in layer) + sum(f for _, f in head)
+    return calls, flops
+
+
+def test_fp32_matmuls_at_the_step_shapes(benchmark, batch):
+    """Every matmul of one full-rows step alone, back to back: what the step would reach if nothing but its
+    matmuls cost time (its small inner dimensions run below the square matmul's rate)."""
+    profile, batch = batch
+    if profile != "full":
+        pytest.skip("measured on full rows, where every matmul of the step has one shape per layer")
+    rows, seq_len = batch["input_ids"].shape
+    calls, flops = step_matmuls(CONFIG, rows, seq_len, int((batch["labels"] != IGNORE_INDEX).sum()))
+    assert flops == useful_flops(CONFIG, batch["attention_mask"], batch["labels"])
+    benchmark.group = "fp32-matmul-ceiling-cpu"
+    benchmark.extra_info.update(provider="the step's matmuls alone", threads=torch.get_num_threads())
+    benchmark.pedantic(lambda: [call() for call in calls], rounds=ROUNDS, warmup_rounds=1)
+    if benchmark.stats:
         benchmark.extra_info["GFLOP/s"] = flops / benchmark.stats.stats.median / 1e9
 
 
