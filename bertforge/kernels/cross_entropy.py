@@ -38,10 +38,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=accumulate, device=x.device)
             grad_b = torch.zeros(bias.shape, dtype=accumulate, device=x.device)
             loss = torch.zeros((), dtype=accumulate, device=x.device)
+            # One buffer for every chunk's logits: a fresh one per chunk costs its page faults each time on a CPU.
+            buffer = torch.empty(min(rows, chunk_rows), weight.shape[0], dtype=dtype, device=x.device)
             for start in range(0, rows, chunk_rows):
                 x_chunk, t_chunk = xs[start:start + chunk_rows], targets[start:start + chunk_rows]
                 picked = torch.arange(t_chunk.shape[0], device=x.device)
-                logits = torch.addmm(bs, x_chunk, ws.t()).to(accumulate)
+                logits = torch.addmm(bs, x_chunk, ws.t(), out=buffer[:t_chunk.shape[0]]).to(accumulate)
                 row_max = logits.amax(1, keepdim=True)
                 target_logit = logits[picked, t_chunk]
                 probs = logits.sub_(row_max).exp_()
@@ -66,8 +68,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w, grad_b = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, grad_b * grad_loss, None, None, None
+        # Scaled in place (the weight's gradient is as large as the embedding matrix): a second backward through
+        # the same graph finds them modified and raises, as autograd does for any saved tensor changed in place.
+        return *(g.mul_(grad_loss) for g in ctx.saved_tensors), None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,

@@ -84,7 +84,7 @@ def test_without_autograd_the_loss_is_the_same():
     x, weight, bias, targets = make_inputs(30, 16, 40)
     with torch.no_grad():
         evaluated = linear_cross_entropy(x, weight, bias, targets, chunk_rows=7)
-    trained = linear_cross_entropy(x, weight.requires_grad_(), bias, targets, chunk_rows=7)
+    trained = linear_cross_entropy(x, weight.detach().requires_grad_(), bias, targets, chunk_rows=7)
     assert evaluated.requires_grad is False and trained.requires_grad is True
     assert torch.equal(evaluated, trained.detach())
     expected = peer(x.double(), weight.double(), bias.double(), targets)
@@ -97,3 +97,11 @@ def test_bad_shapes_are_refused():
         linear_cross_entropy(x, weight[:, :7], bias, targets)
     with pytest.raises(ValueError, match="targets"):
         linear_cross_entropy(x, weight, bias, targets[:3])
+
+
+def test_a_second_backward_through_the_same_graph_raises_instead_of_scaling_twice():
+    x, weight, bias, targets = (t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(6, 4, 9))
+    loss = linear_cross_entropy(x, weight, bias, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
