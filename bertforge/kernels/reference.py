@@ -46,7 +46,7 @@ def _padded_attention(q, k, v, key_mask, dropout_p, scale):
     else:  # spelled out, so that the probabilities' dropout mask comes from the CPU-cheap `dropout`
         scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
         if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+            scores.masked_fill_(~attn_mask, float("-inf"))  # scores is this call's own fresh tensor
         out = torch.matmul(dropout(torch.softmax(scores, dim=-1), dropout_p), v)
     return out.to(q.dtype)
 
@@ -72,13 +72,14 @@ def _varlen_attention(q, k, v, cu_seqlens, dropout_p, scale):
             buckets.setdefault(_length_bucket(length, longest), []).append(seq)
     token_index, outputs = [], []
     for width, seqs in buckets.items():
+        full = all(lengths_list[s] == width for s in seqs)  # no padding in this bucket: no key mask to apply
         seqs = torch.tensor(seqs, device=q.device)
         positions = torch.arange(width, device=q.device)
         real = positions[None, :] < lengths[seqs, None]  # (n, width)
         # Padding slots read token 0: they are masked as keys and their query outputs are dropped.
         index = torch.where(real, starts[seqs, None] + positions, 0).flatten()
         qb, kb, vb = (t.index_select(0, index).unflatten(0, real.shape).transpose(1, 2) for t in (q, k, v))
-        out = _padded_attention(qb, kb, vb, real, dropout_p, scale)  # (n, heads, width, d)
+        out = _padded_attention(qb, kb, vb, None if full else real, dropout_p, scale)  # (n, heads, width, d)
         keep = real.flatten()
         outputs.append(out.transpose(1, 2).flatten(0, 1)[keep])
         token_index.append(index[keep])
