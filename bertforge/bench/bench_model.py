@@ -11,6 +11,8 @@ attn_implementation="sdpa", its fastest CPU attention. Cases with "-compile" wra
 torch.compile (they run only with --benchmark-enable: compiling takes minutes). Each case names itself in
 extra_info["provider"]; the suite's report prints every case's time as a ratio to bertforge's, measured in
 the same run. CPU cases run on bertforge's plain-PyTorch kernels (what bertforge runs on a CPU).
+"bertforge-unfused-head" is bertforge with the MLM decoder and cross-entropy as two ops (the logits kept between
+them) instead of `linear_cross_entropy`: what the fused op buys, in the same run.
 extra_info["GFLOP/s"] counts the work bertforge does (real tokens only, the MLM head at the labelled positions;
 backward = 2x forward) for every provider, so it is comparable across them; a torch.mm case measures the CPU's fp32
 matmul ceiling in the same run, and another the rate of the full-rows step's own matmuls run alone.
@@ -19,8 +21,11 @@ On a shared machine, OpenMP threads stall whenever another process holds a core;
 (`OMP_NUM_THREADS=1`) for stable ratios.
 """
 
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bertforge.bench._data import news_mlm_batch
 from bertforge.bench.steps import train_step
@@ -29,7 +34,7 @@ from bertforge.model import IGNORE_INDEX, BertConfig, BertForMaskedLM
 transformers = pytest.importorskip("transformers")
 
 GROUP = "mlm-train-step-cpu"
-CASES = ["bertforge", "transformers-sdpa", "bertforge-compile", "transformers-sdpa-compile"]
+CASES = ["bertforge", "bertforge-unfused-head", "transformers-sdpa", "bertforge-compile", "transformers-sdpa-compile"]
 LENGTH_PROFILES = ["corpus", "uniform", "full"]
 CEILING_N = 2048
 CONFIG = dict(vocab_size=30522, hidden_size=128, num_hidden_layers=8, num_attention_heads=2, intermediate_size=512,
@@ -70,9 +75,16 @@ def weights_dir(tmp_path_factory, batch):
     return path
 
 
+def unfused_mlm_loss(head, h, decoder_weight, targets):
+    """The MLM loss as separate ops, the logits kept between them: what `linear_cross_entropy` replaces."""
+    return F.cross_entropy(head(h, decoder_weight), targets)
+
+
 def build(case, weights_dir):
     if case.startswith("bertforge"):
         model = BertForMaskedLM.from_pretrained(weights_dir)
+        if case == "bertforge-unfused-head":
+            model.head.loss = functools.partial(unfused_mlm_loss, model.head)
     else:
         model = transformers.BertForMaskedLM.from_pretrained(weights_dir, attn_implementation="sdpa")
     model.train()
