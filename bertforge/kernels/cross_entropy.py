@@ -73,6 +73,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return *(g.mul_(grad_loss) for g in ctx.saved_tensors), None, None, None
 
 
+# Left out of torch.compile's graphs: traced, the chunk loop would be specialised on the number of rows, and every
+# batch with a new count of labelled positions would compile again until the recompile limit.
+@torch.compiler.disable
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None) -> torch.Tensor:
     """mean_i cross_entropy(x_i @ weight.T + bias, targets_i), without keeping the (rows, vocab) logits.

@@ -105,3 +105,18 @@ def test_a_second_backward_through_the_same_graph_raises_instead_of_scaling_twic
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.slow
+def test_under_torch_compile_a_new_row_count_does_not_compile_again():
+    def loss_fn(x, weight, bias, targets):
+        return 2 * linear_cross_entropy(x, weight, bias, targets)
+
+    compiled = torch.compile(loss_fn)
+    _, weight, bias, _ = make_inputs(1, 8, 50)
+    for rows in (3, 4):  # the second size makes torch.compile's shapes dynamic
+        compiled(*make_inputs(rows, 8, 50)[:1], weight, bias, torch.randint(50, (rows,)))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in range(5, 12):
+            x, targets = torch.randn(rows, 8), torch.randint(50, (rows,))
+            assert torch.allclose(compiled(x, weight, bias, targets), loss_fn(x, weight, bias, targets))
