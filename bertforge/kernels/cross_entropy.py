@@ -34,9 +34,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xs, ws, bs = x.to(dtype), weight.to(dtype), bias.to(dtype)
             rows = x.shape[0]
-            grad_x = torch.empty(x.shape, dtype=accumulate, device=x.device)
-            grad_w = torch.zeros(weight.shape, dtype=accumulate, device=x.device)
-            grad_b = torch.zeros(bias.shape, dtype=accumulate, device=x.device)
+            if with_gradients:  # evaluation allocates none of them (the weight's is as large as the embeddings)
+                grad_x = torch.empty(x.shape, dtype=accumulate, device=x.device)
+                grad_w = torch.zeros(weight.shape, dtype=accumulate, device=x.device)
+                grad_b = torch.zeros(bias.shape, dtype=accumulate, device=x.device)
             loss = torch.zeros((), dtype=accumulate, device=x.device)
             # One buffer for every chunk's logits: a fresh one per chunk costs its page faults each time on a CPU.
             buffer = torch.empty(min(rows, chunk_rows), weight.shape[0], dtype=dtype, device=x.device)
@@ -62,8 +63,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w += grad_logits.t() @ x_chunk
             scale = 1.0 / max(rows, 1)  # the mean over rows; no row gives loss 0 and zero gradients
-            ctx.save_for_backward(grad_x.mul_(scale).to(x.dtype), grad_w.mul_(scale).to(weight.dtype),
-                                  grad_b.mul_(scale).to(bias.dtype))
+            if with_gradients:
+                ctx.save_for_backward(grad_x.mul_(scale).to(x.dtype), grad_w.mul_(scale).to(weight.dtype),
+                                      grad_b.mul_(scale).to(bias.dtype))
             return loss * scale
 
     @staticmethod
